@@ -1,0 +1,91 @@
+"""The training-method protocol shared by SPROUT and every baseline.
+
+A method turns (model, batch) into a loss plus what the loop needs to score and log it;
+the loop (``trainables.loop``) owns backward and the model optimizer step. Methods hold
+their own extra state (SPROUT's β and its ascent optimizer, Free-AT's carried δ), update it
+in ``after_step`` from the gradients that the same backward produced, and expose it via
+``state_dict`` so checkpoints restore it. No method imports Ray or MLflow, and none moves
+data between devices.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor
+    logits: Tensor  # predictions used for train accuracy
+    labels: Tensor  # hard labels those predictions are scored against
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Method(abc.ABC):
+    """Base class: one optimizer step per minibatch, no extra state."""
+
+    name: ClassVar[str] = "base"
+    # the dataclass holding this method's knobs (its config section)
+    Params: ClassVar[type]
+    # optimizer steps taken on each minibatch (Free-AT replays it m times)
+    replays: int = 1
+    # the configured epoch count is divided by this (Free-AT: by m, as in Shafahi et al.)
+    epoch_divisor: int = 1
+
+    @abc.abstractmethod
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+        """Loss on one minibatch; no side effects on the model or its optimizer."""
+
+    def after_step(self) -> None:
+        """Update method state from gradients of the last backward (no-op by default)."""
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} has no state, got keys {sorted(state)}")
+
+    def to(self, device: torch.device | str) -> Method:
+        return self
+
+
+def check_params(section: str, params: Any, rules: dict[str, tuple[str, Any]]) -> None:
+    """Validate dataclass fields: rules name → (kind, bound); errors name ``section.field``."""
+    for fname, (kind, bound) in rules.items():
+        v = getattr(params, fname)
+        ok = {
+            "ge": lambda v, b: v >= b,
+            "gt": lambda v, b: v > b,
+            "unit": lambda v, b: 0.0 <= v <= 1.0,
+            "in": lambda v, b: v in b,
+        }[kind](v, bound)
+        if not ok:
+            expect = {
+                "ge": f">= {bound}",
+                "gt": f"> {bound}",
+                "unit": "in [0, 1]",
+                "in": f"one of {list(bound)}",
+            }[kind]
+            raise ValueError(f"{section}.{fname} must be {expect}, got {v!r}")
+
+
+def params_from_dict(cls: type, section: str, values: dict[str, Any] | None) -> Any:
+    """Build a params dataclass, rejecting unknown keys with the allowed ones listed."""
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"{section}.{unknown[0]} is not a known key; expected one of: {', '.join(sorted(known))}"
+        )
+    return cls(**values)
