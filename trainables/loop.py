@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from trainables.checkpoint import load_checkpoint, save_checkpoint
-from trainables.methods.base import Method
+from trainables.methods.base import Method, StepOutput
 
 
 @dataclass
@@ -69,14 +69,36 @@ def make_loader(
     dataset: Dataset, batch_size: int, *, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1,
     drop_last: bool = False, num_workers: int = 0, pin_memory: bool = False,
 ) -> DataLoader:
-    """A loader whose shard (rank of world_size) and order depend only on (seed, epoch)."""
-    sampler = DistributedSampler(
-        dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-    )
+    """A loader whose shard (rank of world_size) and order depend only on (seed, epoch).
+
+    Training (shuffle) drops the uneven tail across workers so shards are disjoint and equal
+    (DDP needs equal step counts); evaluation shards rank::world_size with no padding, so
+    summed counts are exact.
+    """
+    sampler: Sampler[int]
+    if shuffle:
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=drop_last or world_size > 1
+        )
+    else:
+        sampler = ShardSampler(len(dataset), rank, world_size)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
     )
+
+
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank+world, ... of range(n): disjoint, covering, no padding."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
@@ -139,6 +161,41 @@ def _to_device(batch: Any, device: torch.device, opts: StepOptions) -> tuple[Ten
     return x, y.to(device, non_blocking=opts.non_blocking).long()
 
 
+def train_step(
+    model: nn.Module,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    *,
+    opts: StepOptions | None = None,
+    accum: int = 1,
+    update: bool = True,
+    where: str = "",
+) -> StepOutput:
+    """One optimizer step's work on one minibatch (one replay for Free-AT).
+
+    ``method.loss`` under the configured autocast, a finiteness check, ``backward`` of
+    loss/accum and, when ``update``, the θ step, ``method.after_step()`` (SPROUT's β ascent,
+    Free-AT's δ update) and ``zero_grad``. ``train_epoch`` calls it for every batch, and
+    ``benchmarks/step_cost.py`` times exactly this.
+    """
+    opts = opts or StepOptions()
+    dev = x.device.type
+    with torch.autocast(dev, dtype=opts.autocast_dtype, enabled=opts.autocast_dtype is not None):
+        out = method.loss(model, x, y)
+    if not torch.isfinite(out.loss.detach()):
+        raise NonFiniteLossError(
+            f"non-finite loss {float(out.loss)} {where}(method {method.name}); the last good checkpoint is kept"
+        )
+    (out.loss / accum).backward()
+    if update:
+        optimizer.step()
+        method.after_step()
+        optimizer.zero_grad(set_to_none=True)
+    return out
+
+
 def train_epoch(
     model: nn.Module,
     method: Method,
@@ -168,18 +225,11 @@ def train_epoch(
             break
         x, y = _to_device(batch, device, opts)
         for _ in range(method.replays):
-            with torch.autocast(device.type, dtype=opts.autocast_dtype, enabled=opts.autocast_dtype is not None):
-                out = method.loss(model, x, y)
-            if not torch.isfinite(out.loss.detach()):
-                raise NonFiniteLossError(
-                    f"non-finite loss {float(out.loss)} at epoch {epoch + 1}, step {step + 1} "
-                    f"(method {method.name}); the last good checkpoint is kept"
-                )
-            (out.loss / accum).backward()
-            if method.replays > 1 or (step + 1) % accum == 0:
-                optimizer.step()
-                method.after_step()
-                optimizer.zero_grad(set_to_none=True)
+            out = train_step(
+                model, method, optimizer, x, y, opts=opts, accum=accum,
+                update=method.replays > 1 or (step + 1) % accum == 0,
+                where=f"at epoch {epoch + 1}, step {step + 1} ",
+            )
         n = y.shape[0]
         stats.loss_sum += float(out.loss.detach()) * n
         stats.correct += int((out.logits.detach().argmax(1) == out.labels).sum())

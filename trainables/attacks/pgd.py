@@ -74,6 +74,9 @@ def pgd_linf(
             f"PGD needs eps >= 0, step_size >= 0, steps >= 0, restarts >= 1; "
             f"got eps={eps}, step_size={step_size}, steps={steps}, restarts={restarts}"
         )
+    # Attack the bare module: a DistributedDataParallel wrapper must not see these
+    # input-gradient passes (they would leave its gradient reduction half-prepared).
+    model = getattr(model, "module", model)
     x = x.detach()
     if eps == 0 or steps == 0 and not random_start:
         return x.clone()

@@ -81,6 +81,7 @@ class TradesParams:
 
 def trades_adversary(model: nn.Module, x: Tensor, p: TradesParams) -> Tensor:
     """Inner maximisation of KL(f(x) ‖ f(x')) over the ε-ball (Zhang et al. 2019, Alg. 1)."""
+    model = getattr(model, "module", model)  # no DDP gradient sync for attack passes
     with bn_mode(model, p.bn_mode):
         with torch.no_grad():
             p_clean = F.softmax(model(x).float(), dim=1)
@@ -112,7 +113,7 @@ class Trades(Method):
         robust = F.kl_div(
             F.log_softmax(model(x_adv).float(), dim=1), F.softmax(logits.float(), dim=1), reduction="batchmean"
         )
-        return StepOutput(natural + p.beta * robust, logits, y, {"train/trades_kl": float(robust)})
+        return StepOutput(natural + p.beta * robust, logits, y, {"train/trades_kl": float(robust.detach())})
 
 
 @dataclass

@@ -63,19 +63,17 @@ def check_params(section: str, params: Any, rules: dict[str, tuple[str, Any]]) -
     """Validate dataclass fields: rules name → (kind, bound); errors name ``section.field``."""
     for fname, (kind, bound) in rules.items():
         v = getattr(params, fname)
-        ok = {
-            "ge": lambda v, b: v >= b,
-            "gt": lambda v, b: v > b,
-            "unit": lambda v, b: 0.0 <= v <= 1.0,
-            "in": lambda v, b: v in b,
-        }[kind](v, bound)
+        if kind == "in":
+            ok, expect = v in bound, f"one of {list(bound)}"
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            ok, expect = False, "a number"
+        elif kind == "unit":
+            ok, expect = 0.0 <= v <= 1.0, "in [0, 1]"
+        elif kind == "ge":
+            ok, expect = v >= bound, f">= {bound}"
+        else:  # "gt"
+            ok, expect = v > bound, f"> {bound}"
         if not ok:
-            expect = {
-                "ge": f">= {bound}",
-                "gt": f"> {bound}",
-                "unit": "in [0, 1]",
-                "in": f"one of {list(bound)}",
-            }[kind]
             raise ValueError(f"{section}.{fname} must be {expect}, got {v!r}")
 
 

@@ -1,0 +1,1 @@
+"""Ray Train/Tune orchestration, MLflow tracking and the ``sprout`` command."""

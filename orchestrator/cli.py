@@ -1,0 +1,221 @@
+"""The ``sprout`` command (SPEC §4). Exit codes: 0 success, 2 usage/config error, 1 run failure.
+
+Config and usage errors print one line naming the field and the allowed values, before
+any Ray or MLflow resource is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from orchestrator.config import ATTACK_NAMES, ConfigError, load_config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        print(f"sprout: usage error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted config key; the value is parsed as YAML (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sprout", description="SPROUT and robust-training baselines on Ray Train/Tune with MLflow")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("validate", help="resolve and validate a config; print it and the resource plan")
+    _add_config(p)
+    p.add_argument("--connect", action="store_true", help="check the plan against the Ray cluster at RAY_ADDRESS")
+
+    p = sub.add_parser("train", help="one Ray Train run; re-running the same --name resumes it")
+    _add_config(p)
+    p.add_argument("--name", help="run name (Ray run directory and MLflow run); default: method-model-data-time")
+
+    p = sub.add_parser("eval", help="the evaluation suite on a trained model, logged to its MLflow run")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint directory (needs --config)")
+    p.add_argument("--run-id", help="an MLflow training run (uses its config and selected checkpoint)")
+    p.add_argument("--config", help="config of a bare checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--attacks", help="comma-separated: " + ",".join(ATTACK_NAMES))
+    p.add_argument("--n-examples", type=int, help="evaluate on the first N test examples (seeded subset)")
+    p.add_argument("--shards", type=int, help="Ray tasks to shard the examples over (default eval.num_shards)")
+
+    p = sub.add_parser("sweep", help="a Ray Tune sweep; each trial a Ray Train run; re-running resumes")
+    _add_config(p)
+    p.add_argument("--space", required=True, help="search space name (search_spaces/)")
+    p.add_argument("--samples", type=int, help="trials to sample (default tune.num_samples)")
+    p.add_argument("--scheduler", choices=["asha", "fifo"], help="default tune.scheduler")
+    p.add_argument("--search", choices=["random", "optuna"], help="default tune.search")
+    p.add_argument("--name", help="sweep name (Tune experiment and MLflow parent run)")
+
+    p = sub.add_parser("compare", help="train and evaluate several methods side by side; write the report")
+    _add_config(p)
+    p.add_argument("--methods", help="comma-separated (default natural,pgd_at,trades,sprout; ablations: sprout_ga, ...)")
+    p.add_argument("--sprout-init", default="natural", choices=["natural", "scratch"],
+                   help="SPROUT starts from the natural model's checkpoint (paper default) or from scratch")
+    p.add_argument("--name", help="comparison name (MLflow parent run)")
+    p.add_argument("--attacks", help="override eval.attacks (comma-separated)")
+    p.add_argument("--n-examples", type=int, help="test examples per evaluation")
+
+    p = sub.add_parser("prepare-data", help="convert an ImageNet folder into Parquet shards for Ray Data")
+    p.add_argument("dataset", help="only 'imagenet'")
+    p.add_argument("src", help="ImageNet-layout folder (train/ and val/ with class sub-folders)")
+    p.add_argument("dst", help="output folder or pyarrow filesystem URI (s3://, gs://)")
+    p.add_argument("--shard-size", type=float, default=256.0, help="target shard size in MB")
+    p.add_argument("--workers", type=int, default=1, help="parallel readers")
+    p.add_argument("--on-corrupt", choices=["skip", "fail"], default="skip", help="unreadable images: skip or fail")
+
+    p = sub.add_parser("replay-metrics", help="deliver metrics buffered while MLflow was unreachable")
+    p.add_argument("path", help="an mlflow_pending.jsonl file under the storage path")
+    return parser
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from orchestrator.session import available_resources, check_plan, plan_for
+
+    cfg = load_config(args.config, args.overrides)
+    plan = plan_for(cfg)
+    check_plan(plan, available_resources(connect=args.connect))
+    print(cfg.to_yaml(), end="")
+    print(f"# resource plan: {plan.describe()}")
+    print(f"# storage: {cfg.storage.path}   mlflow: {os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///mlflow.db'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.runner import default_name, run_training, safe_name
+    from orchestrator.session import available_resources, check_plan, plan_for
+
+    cfg = load_config(args.config, args.overrides)
+    name = safe_name(args.name) if args.name else default_name(cfg)
+    check_plan(plan_for(cfg), available_resources())
+    out = run_training(cfg, name)
+    print(f"run {out.name}: MLflow run {out.run_id}{' (resumed)' if out.resumed else ''}")
+    for k in sorted(out.metrics):
+        if "/" in k:
+            print(f"  {k} = {out.metrics[k]:.4f}")
+    print(f"  best checkpoint (by {cfg.train.checkpoint_metric} on the validation split): {out.best_checkpoint_path}")
+    if cfg.eval.attacks and out.best_checkpoint_path:
+        from orchestrator.evaluate import evaluate_states, log_evaluation
+        from trainables.checkpoint import load_checkpoint
+
+        state = load_checkpoint(out.best_checkpoint_path)
+        result = evaluate_states(cfg, state["model"], attacks=list(cfg.eval.attacks))
+        log_evaluation(out.run_id, result, cfg=cfg, state=state)
+        print(result.summary())
+    return 0
+
+
+def _attacks(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in names if a not in ATTACK_NAMES]
+    if bad:
+        raise ConfigError(f"--attacks: unknown attack {bad[0]!r}; expected some of: {', '.join(ATTACK_NAMES)}")
+    return names
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from orchestrator.evaluate import evaluate_checkpoint, evaluate_run
+
+    attacks = _attacks(args.attacks)
+    if args.n_examples is not None and args.n_examples < 1:
+        raise ConfigError(f"--n-examples must be >= 1, got {args.n_examples}")
+    if bool(args.run_id) == bool(args.checkpoint):
+        raise ConfigError("eval: give exactly one of CHECKPOINT (with --config) or --run-id")
+    if args.run_id:
+        evaluate_run(args.run_id, attacks=attacks, n_examples=args.n_examples, num_shards=args.shards)
+        return 0
+    if not args.config:
+        raise ConfigError("eval CHECKPOINT needs --config (the config the checkpoint was trained with)")
+    cfg = load_config(args.config, args.overrides)
+    run_id, _ = evaluate_checkpoint(args.checkpoint, cfg, attacks=attacks, n_examples=args.n_examples,
+                                    num_shards=args.shards)
+    print(f"logged to MLflow run {run_id}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from orchestrator.runner import safe_name
+    from orchestrator.sweep import run_sweep
+    from search_spaces import SearchSpaceError, load_space
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        load_space(args.space)
+    except SearchSpaceError as e:
+        raise ConfigError(str(e)) from None
+    if args.samples is not None and args.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
+    name = safe_name(args.name or f"sweep-{args.space}-{cfg.data.name}")
+    out = run_sweep(cfg, args.space, name=name, samples=args.samples, scheduler=args.scheduler, search=args.search)
+    print(f"sweep {name}: MLflow parent run {out['parent_run_id']}, {len(out['rows'])} trial(s)")
+    if out.get("best"):
+        print("best:", {k: v for k, v in out["best"].items()})
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from orchestrator.compare import format_table, parse_methods, run_compare
+    from orchestrator.runner import safe_name
+
+    cfg = load_config(args.config, args.overrides)
+    methods = parse_methods(args.methods)
+    attacks = _attacks(args.attacks)
+    name = safe_name(args.name or f"compare-{cfg.data.name}-{cfg.model.name}")
+    out = run_compare(cfg, methods, name=name, sprout_init=args.sprout_init, attacks=attacks,
+                      n_examples=args.n_examples)
+    print()
+    print(format_table(out["rows"]))
+    print(f"\nMLflow parent run {out['parent_run_id']} (experiment {cfg.experiment!r}); "
+          "report/comparison.md and .csv are its artifacts. Open the UI with: make ui  (http://127.0.0.1:5000)")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from orchestrator.prepare_data import prepare_data_cli
+
+    return prepare_data_cli(args.dataset, args.src, args.dst, args.shard_size, args.workers, args.on_corrupt)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from orchestrator.tracking import replay_pending
+
+    n = replay_pending(args.path)
+    print(f"delivered {n} metric values from {args.path}")
+    return 0
+
+
+COMMANDS: dict[str, Any] = {
+    "validate": cmd_validate, "train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "compare": cmd_compare,
+    "prepare-data": cmd_prepare, "replay-metrics": cmd_replay,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"sprout: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sprout: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a failed run: one clear line, exit 1
+        if os.environ.get("SPROUT_TRACEBACK"):
+            raise
+        print(f"sprout: {args.command} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Driver side of one training run: MLflow run, Ray Train ``TorchTrainer``, final model.
+
+Used by ``sprout train`` and, inside Tune trials, by ``sprout sweep`` and ``sprout
+compare``. The same ``--name`` (or trial/method key) maps to the same Ray Train run
+directory and the same MLflow run, so a re-run resumes instead of starting over.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator import tracking
+from orchestrator.session import ensure_ray, plan_for
+
+
+@dataclass
+class TrainOutcome:
+    name: str
+    run_id: str
+    checkpoint_path: str | None
+    best_checkpoint_path: str | None
+    metrics: dict[str, float]
+    resumed: bool
+    train_seconds: float
+
+
+def storage_path(cfg: Any) -> str:
+    p = cfg.storage.path
+    return p if "://" in p else str(Path(p).expanduser().resolve())
+
+
+def default_name(cfg: Any) -> str:
+    return f"{cfg.method}-{cfg.model.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def safe_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=-]{0,127}", name):
+        from orchestrator.config import ConfigError
+
+        raise ConfigError(f"--name {name!r}: use letters, digits, '.', '_', '=', '-' (max 128), starting alphanumeric")
+    return name
+
+
+def run_tags(cfg: Any, kind: str) -> dict[str, str]:
+    return {
+        "method": cfg.method,
+        "model": cfg.model.name,
+        "dataset": cfg.data.name,
+        "git_sha": tracking.git_sha(),
+        "sprout_kind": kind,
+        "accelerator": "gpu" if cfg.scaling.use_gpu else "cpu",
+    }
+
+
+def start_run(cfg: Any, name: str, *, kind: str = "train", parent_run_id: str | None = None,
+              key: str | None = None) -> tuple[str, bool]:
+    """The MLflow run of this training run (created, or found again), with params and config."""
+    c = tracking.client()
+    run_id, resumed = tracking.get_or_create_run(
+        c, cfg.experiment, key or name, run_name=name, tags=run_tags(cfg, kind), parent_run_id=parent_run_id
+    )
+    tracking.log_params_once(c, run_id, cfg.flat())
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "config.yaml"
+        p.write_text(cfg.to_yaml())
+        c.log_artifact(run_id, str(p))
+    return run_id, resumed
+
+
+def fit_trainer(cfg: Any, name: str, run_id: str, *, in_tune: bool = False) -> Any:
+    """Build and fit the TorchTrainer; returns Ray's Result."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.ray_train import train_loop_per_worker
+
+    s = cfg.scaling
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(s.worker_start_timeout_s))
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    callbacks = []
+    if in_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "mlflow_uri": tracking.tracking_uri(),
+            "mlflow_run_id": run_id,
+            "mlflow_fallback": str(Path(storage_path(cfg)) / name / "mlflow_pending.jsonl")
+            if "://" not in storage_path(cfg) else None,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+            placement_strategy=s.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path(cfg),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.checkpoint_keep,
+                checkpoint_score_attribute=_score_attr(cfg),
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+    return trainer.fit()
+
+
+def _score_attr(cfg: Any) -> str:
+    if cfg.train.checkpoint_metric == "val/pgd_acc" and (cfg.train.val_pgd_steps == 0 or cfg.eval.eps == 0):
+        return "val/clean_acc"
+    return cfg.train.checkpoint_metric
+
+
+def best_checkpoint_path(result: Any, cfg: Any) -> str | None:
+    attr = _score_attr(cfg)
+    best = None
+    for ckpt, metrics in getattr(result, "best_checkpoints", None) or []:
+        score = metrics.get(attr)
+        if score is not None and (best is None or score > best[1]):
+            best = (ckpt, score)
+    if best is not None:
+        return best[0].path
+    return result.checkpoint.path if result.checkpoint is not None else None
+
+
+def log_final_model(cfg: Any, run_id: str, checkpoint_path: str) -> None:
+    """Log the selected checkpoint's model as ``model/`` (takes [0,1] images, returns logits)."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    from orchestrator.worker import build_model, datasets
+    from trainables.checkpoint import load_checkpoint
+    from trainables.data import dataset_info
+
+    c = tracking.client()
+    if c.get_run(run_id).data.tags.get("sprout.model_logged") == "true":
+        return
+    info = dataset_info(datasets(cfg, ("val",))["val"])
+    model = build_model(cfg, info)
+    model.load_state_dict(load_checkpoint(checkpoint_path)["model"])
+    model.eval()
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    import trainables
+
+    example = torch.rand(1, info.channels, info.image_size, info.image_size).numpy()
+    with mlflow.start_run(run_id=run_id):
+        # Pickle format returns a plain nn.Module from load_model; code_paths ships the model
+        # classes with it; explicit requirements skip MLflow's slow requirement inference.
+        mlflow.pytorch.log_model(
+            model, name="model", serialization_format="pickle", input_example=example,
+            code_paths=[str(Path(trainables.__file__).parent)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
+    c.set_tag(run_id, "sprout.model_logged", "true")
+    c.set_tag(run_id, "sprout.selected_checkpoint", checkpoint_path)
+
+
+def run_training(
+    cfg: Any, name: str, *, kind: str = "train", parent_run_id: str | None = None, key: str | None = None,
+    in_tune: bool = False, log_model: bool = True,
+) -> TrainOutcome:
+    tracking.check_reachable()
+    if not in_tune:
+        ensure_ray()
+    run_id, resumed = start_run(cfg, name, kind=kind, parent_run_id=parent_run_id, key=key)
+    c = tracking.client()
+    t0 = time.perf_counter()
+    try:
+        result = fit_trainer(cfg, name, run_id, in_tune=in_tune)
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        c.set_terminated(run_id, status=status)
+        c.set_tag(run_id, "sprout.error", f"{type(e).__name__}: {e}"[:5000])
+        raise
+    elapsed = time.perf_counter() - t0
+    if result.error is not None:
+        c.set_terminated(run_id, status="FAILED")
+        c.set_tag(run_id, "sprout.error", str(result.error)[:5000])
+        raise RuntimeError(f"training run {name!r} failed: {result.error}")
+    plan = plan_for(cfg)
+    accel = plan.gpus if cfg.scaling.use_gpu else plan.workers * plan.cpus_per_worker
+    prev = c.get_run(run_id).data.metrics
+    total = prev.get("time/train_total_s", 0.0) + elapsed if resumed else elapsed
+    c.log_metric(run_id, "time/train_total_s", total)
+    c.log_metric(run_id, "time/accelerator_hours", total * accel / 3600.0)
+    best = best_checkpoint_path(result, cfg)
+    if log_model and best is not None:
+        log_final_model(cfg, run_id, best)
+    return TrainOutcome(
+        name=name, run_id=run_id, checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        best_checkpoint_path=best, metrics=dict(result.metrics or {}), resumed=resumed, train_seconds=total,
+    )

@@ -1,0 +1,179 @@
+"""MLflow tracking with the SPEC §5 names: one run per training run, no duplicates on restart.
+
+Runs are found again by the tag ``sprout.run_key`` (the ``--name``, or a trial/method key
+under a parent run), so a re-run resumes into the same MLflow run. Per-epoch metrics are
+logged idempotently (an epoch already logged is not logged twice after a replay) and are
+buffered when the tracking server is unreachable, then delivered when it returns; what
+cannot be delivered by the end is written to a JSON-lines file that ``replay_pending``
+sends later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+RUN_KEY = "sprout.run_key"
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db`` (SPEC §4)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def client(uri: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def experiment_id(c: Any, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    return c.create_experiment(name)
+
+
+def find_run(c: Any, exp_id: str, key: str, parent_run_id: str | None = None) -> Any | None:
+    flt = f"tags.`{RUN_KEY}` = '{key}'"
+    if parent_run_id:
+        flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    runs = c.search_runs([exp_id], filter_string=flt, max_results=5, order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
+
+
+def get_or_create_run(
+    c: Any, experiment: str, key: str, *, run_name: str, tags: dict[str, str], parent_run_id: str | None = None
+) -> tuple[str, bool]:
+    """(run_id, resumed): the run tagged ``key`` (under ``parent_run_id``), else a new one."""
+    exp_id = experiment_id(c, experiment)
+    existing = find_run(c, exp_id, key, parent_run_id)
+    if existing is not None:
+        c.update_run(existing.info.run_id, status="RUNNING")
+        return existing.info.run_id, True
+    all_tags = {RUN_KEY: key, "mlflow.runName": run_name, **tags}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(exp_id, tags=all_tags, run_name=run_name)
+    return run.info.run_id, False
+
+
+def log_params_once(c: Any, run_id: str, params: dict[str, Any]) -> None:
+    """Log params not yet on the run (MLflow params are immutable; a resume re-logs none)."""
+    from mlflow.entities import Param
+
+    have = c.get_run(run_id).data.params
+    todo = [Param(k, _param_str(v)) for k, v in params.items() if k not in have]
+    for i in range(0, len(todo), 100):
+        c.log_batch(run_id, params=todo[i : i + 100])
+
+
+def _param_str(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, (list, dict, tuple)) else str(v)
+    return s[:6000]
+
+
+class MetricLogger:
+    """Per-step metric logging that survives replays and tracking-server outages."""
+
+    def __init__(self, uri: str, run_id: str, fallback: str | os.PathLike[str] | None = None) -> None:
+        self.uri, self.run_id = uri, run_id
+        self.fallback = Path(fallback) if fallback else None
+        self.pending: list[tuple[str, float, int, int]] = []
+        self.logged_steps: dict[str, set[int]] = {}
+        self._client = client(uri)
+
+    def _known_steps(self, key: str) -> set[int]:
+        if key not in self.logged_steps:
+            try:
+                hist = self._client.get_metric_history(self.run_id, key)
+                self.logged_steps[key] = {m.step for m in hist}
+            except Exception:  # noqa: BLE001 - server down: assume nothing logged, dedupe later
+                return set()
+        return self.logged_steps[key]
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            if step not in self._known_steps(k):
+                self.pending.append((k, float(v), ts, step))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send what is pending; True when nothing is left."""
+        if not self.pending:
+            return True
+        from mlflow.entities import Metric
+
+        try:
+            batch = [Metric(k, v, ts, s) for k, v, ts, s in self.pending]
+            for i in range(0, len(batch), 500):
+                self._client.log_batch(self.run_id, metrics=batch[i : i + 500])
+        except Exception:  # noqa: BLE001 - any transport error: keep buffering, never crash training
+            return False
+        for k, _, _, s in self.pending:
+            self.logged_steps.setdefault(k, set()).add(s)
+        self.pending.clear()
+        return True
+
+    def close(self, retries: int = 3, wait_s: float = 2.0) -> None:
+        for _ in range(retries):
+            if self.flush():
+                return
+            time.sleep(wait_s)
+        if self.pending and self.fallback is not None:
+            self.fallback.parent.mkdir(parents=True, exist_ok=True)
+            with self.fallback.open("a") as f:
+                for k, v, ts, s in self.pending:
+                    f.write(json.dumps({"run_id": self.run_id, "key": k, "value": v, "timestamp": ts, "step": s}) + "\n")
+            self.pending.clear()
+
+
+def replay_pending(path: str | os.PathLike[str], uri: str | None = None) -> int:
+    """Deliver metrics written to a fallback file; returns how many were sent."""
+    from mlflow.entities import Metric
+
+    p = Path(path)
+    rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    c = client(uri)
+    by_run: dict[str, list[Metric]] = {}
+    for r in rows:
+        by_run.setdefault(r["run_id"], []).append(Metric(r["key"], r["value"], r["timestamp"], r["step"]))
+    for run_id, ms in by_run.items():
+        for i in range(0, len(ms), 500):
+            c.log_batch(run_id, metrics=ms[i : i + 500])
+    p.unlink()
+    return len(rows)
+
+
+def check_reachable(uri: str | None = None, timeout_s: float = 10.0) -> None:
+    """Fail fast, before training, when the tracking server cannot be reached."""
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:  # noqa: S310 - user URI
+            if r.status != 200:
+                raise RuntimeError(f"status {r.status}")
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        raise ConnectionError(f"MLflow tracking server {uri} is not reachable ({e}); start it or fix MLFLOW_TRACKING_URI") from None
