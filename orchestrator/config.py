@@ -310,9 +310,27 @@ def validate(data: dict[str, Any]) -> Any:
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> Any:
-    """Read YAML (or defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    """Read YAML (or defaults when ``path`` is None), apply ``--set`` overrides, validate.
+
+    Local relative paths are made absolute here, on the driver: Ray workers and Tune
+    trials run in other working directories.
+    """
     data = read_yaml(path) if path is not None else {}
-    return validate(apply_overrides(data, parse_set(overrides)))
+    cfg = validate(apply_overrides(data, parse_set(overrides)))
+    return resolve_paths(cfg)
+
+
+def _abs(p: str | None) -> str | None:
+    if p is None or "://" in p:
+        return p
+    return str(Path(p).expanduser().resolve())
+
+
+def resolve_paths(cfg: Any) -> Any:
+    cfg.storage.path = _abs(cfg.storage.path)
+    cfg.data.root = _abs(cfg.data.root)
+    cfg.train.init_from = _abs(cfg.train.init_from)
+    return cfg
 
 
 def from_dict(data: dict[str, Any]) -> Any:

@@ -312,4 +312,7 @@ def iter_worker_batches(
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        yield {"image": x, "label": batch["label"].long(), "id": batch["id"]}
+        out = {"image": x, "label": batch["label"].long()}
+        if "id" in batch:
+            out["id"] = batch["id"]
+        yield out

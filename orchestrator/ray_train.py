@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 
-DEBUG_DIR_ENV = "SPROUT_DEBUG_DIR"  # when set, each worker records what it saw (tests, audits)
-KILL_AT_EPOCH_ENV = "SPROUT_FAULT_KILL_AT_EPOCH"  # fault injection: SIGKILL rank 0 once at this epoch
+# When set, each worker records under $SPROUT_DEBUG_DIR/<run name>/ the sample indices it
+# trained on per epoch (audits of data sharding), and a file ``kill-at-epoch`` there holding
+# an epoch number makes rank 0 SIGKILL itself once at that epoch (fault-injection drills).
+DEBUG_DIR_ENV = "SPROUT_DEBUG_DIR"
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -31,23 +33,27 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _maybe_inject_fault(epoch: int, rank: int) -> None:
-    spec = os.environ.get(KILL_AT_EPOCH_ENV)
-    debug = os.environ.get(DEBUG_DIR_ENV)
-    if not spec or not debug or rank != 0 or int(spec) != epoch:
+def _debug_dir(name: str) -> Path | None:
+    root = os.environ.get(DEBUG_DIR_ENV)
+    return Path(root) / name if root else None
+
+
+def _maybe_inject_fault(name: str, epoch: int, rank: int) -> None:
+    d = _debug_dir(name)
+    if d is None or rank != 0 or not (d / "kill-at-epoch").is_file():
         return
-    marker = Path(debug) / f"killed-at-epoch-{epoch}"
-    if marker.exists():
+    marker = d / f"killed-at-epoch-{epoch}"
+    if int((d / "kill-at-epoch").read_text().strip()) != epoch or marker.exists():
         return
     marker.write_text(str(os.getpid()))
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _record(rank: int, epoch: int, payload: dict[str, Any]) -> None:
-    debug = os.environ.get(DEBUG_DIR_ENV)
-    if debug:
-        Path(debug).mkdir(parents=True, exist_ok=True)
-        (Path(debug) / f"worker-{rank}-epoch-{epoch}.json").write_text(json.dumps(payload))
+def _record(name: str, rank: int, epoch: int, payload: dict[str, Any]) -> None:
+    d = _debug_dir(name)
+    if d is not None:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"worker-{rank}-epoch-{epoch}.json").write_text(json.dumps(payload))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -61,6 +67,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from trainables.loop import EpochStats, lr_at, restore_state, train_epoch, training_state
 
     cfg = from_dict(config["cfg"])
+    name = config.get("name", "run")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -86,10 +93,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start, run.epochs):
         for g in run.optimizer.param_groups:
             g["lr"] = lr_at(epoch, run.epochs, run.optim)
-        if hasattr(run.train_loader, "sampler") and os.environ.get(DEBUG_DIR_ENV):
+        if hasattr(run.train_loader, "sampler") and _debug_dir(name) is not None:
             run.train_loader.sampler.set_epoch(epoch)
-            _record(rank, epoch, {"pid": os.getpid(), "indices": [int(i) for i in run.train_loader.sampler]})
-        _maybe_inject_fault(epoch, rank)
+            _record(name, rank, epoch, {"pid": os.getpid(), "indices": [int(i) for i in run.train_loader.sampler]})
+        _maybe_inject_fault(name, epoch, rank)
         t0 = time.perf_counter()
         local = train_epoch(
             model, run.method, run.optimizer, run.train_loader, device, epoch=epoch, seed=cfg.train.seed,

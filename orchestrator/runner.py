@@ -94,6 +94,7 @@ def fit_trainer(cfg: Any, name: str, run_id: str, *, in_tune: bool = False) -> A
         train_loop_per_worker,
         train_loop_config={
             "cfg": cfg.to_dict(),
+            "name": name,
             "mlflow_uri": tracking.tracking_uri(),
             "mlflow_run_id": run_id,
             "mlflow_fallback": str(Path(storage_path(cfg)) / name / "mlflow_pending.jsonl")

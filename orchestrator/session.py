@@ -80,11 +80,20 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
+    from orchestrator.tracking import tracking_uri
+
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Tune trials must keep the driver's working directory, and every Ray process must log
+    # to the driver's MLflow store (the default SQLite path is relative to the cwd).
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
+    env = {"env_vars": {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "RAY_CHDIR_TO_TRIAL_DIR",
+                                                   "RAY_TRAIN_ENABLE_PRINT_PATCH")}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, runtime_env=env)
     else:
         ray.init(
+            runtime_env=env,
             num_cpus=int(os.cpu_count() or 1),
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
