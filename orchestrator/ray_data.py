@@ -201,13 +201,6 @@ def imagenet_parquet_info(root: str, image_size: int = 224) -> DataInfo:
     return DataInfo(len(classes), 3, image_size, IMAGENET_MEAN, IMAGENET_STD, tuple(classes))
 
 
-def shard_paths(root: str, split: str) -> tuple[Any, list[str]]:
-    """(filesystem, shard paths) of ``split`` ('train' or 'val' as written by prepare-data)."""
-    fs, base, manifest = read_manifest(root)
-    shards = manifest["splits"].get(split, {}).get("shards", [])
-    return fs, [join(base, s["path"]) for s in shards]
-
-
 def check_cpu_budget(
     cluster_cpus: float, num_workers: int, cpus_per_worker: float, decode_cpus: float = DECODE_CPUS
 ) -> float:
@@ -247,13 +240,15 @@ def imagenet_parquet_datasets(
     unknown = sorted(set(split_names) - set(SPLITS))
     if unknown:
         raise ValueError(f"unknown split {unknown[0]!r}; expected some of {list(SPLITS)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
     if "val" in split_names and not val_fraction > 0:
         raise ValueError("data.val_fraction must be > 0 for a val split (or leave 'val' out of split_names)")
-    in_val_split([], seed, val_fraction)  # validates val_fraction
+    fs, base, manifest = read_manifest(root)  # once: for full ImageNet it lists 1.3 M files
     out = {}
     for split in split_names:
         source = "val" if split == "test" else "train"
-        fs, paths = shard_paths(root, source)
+        paths = [join(base, s["path"]) for s in manifest["splits"].get(source, {}).get("shards", [])]
         if not paths:
             raise DataError(f"no {source}/ shards under {root}: the source folder had no {source}/ images")
         ds = ray.data.read_parquet(

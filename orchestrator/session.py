@@ -82,13 +82,15 @@ def ensure_ray() -> None:
         return
     from orchestrator.tracking import tracking_uri
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # Tune trials must keep the driver's working directory, and every Ray process must log
-    # to the driver's MLflow store (the default SQLite path is relative to the cwd).
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
-    env = {"env_vars": {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "RAY_CHDIR_TO_TRIAL_DIR",
-                                                   "RAY_TRAIN_ENABLE_PRINT_PATCH")}}
+    # to the driver's MLflow store (the default SQLite path is relative to the cwd). Only
+    # variables this process defaults are forwarded: a job's own runtime_env may set the
+    # others, and Ray refuses to merge the same key twice.
+    defaults = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_CHDIR_TO_TRIAL_DIR": "0",
+                "MLFLOW_TRACKING_URI": tracking_uri()}
+    forwarded = {k: v for k, v in defaults.items() if k not in os.environ}
+    os.environ.update(forwarded)
+    env = {"env_vars": forwarded} if forwarded else None
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, runtime_env=env)
     else:
