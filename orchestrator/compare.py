@@ -114,7 +114,10 @@ def run_compare(cfg: Any, methods: list[str], *, name: str, sprout_init: str = "
         raise ConfigError(f"--sprout-init must be 'natural' or 'scratch', got {sprout_init!r}")
     if sprout_init == "natural" and any(_is_sprout(m) for m in methods) and "natural" not in methods:
         methods = ["natural", *methods]
-    concurrency = max_concurrent(cfg, None, available_resources())
+    # Cost columns must be measured without trials competing for the same cores: on CPU the
+    # methods run one at a time unless tune.max_concurrent_trials says otherwise.
+    requested = cfg.tune.max_concurrent_trials or (None if cfg.scaling.use_gpu else 1)
+    concurrency = max_concurrent(cfg, requested, available_resources())
     tracking.check_reachable()
     ensure_ray()
     c = tracking.client()
@@ -169,9 +172,12 @@ def _evaluate_all(cfg: Any, cfgs: dict[str, Any], states: dict[str, Any], attack
     return {m: EvalResult.from_dict(ray.get(r)) for m, r in refs.items()}
 
 
-def _history_mean(c: Any, run_id: str, key: str) -> float:
+def _history_median(c: Any, run_id: str, key: str) -> float:
+    """Median over epochs: robust to the first epoch's warm-up and to stray slow epochs."""
+    import statistics
+
     hist = c.get_metric_history(run_id, key)
-    return sum(m.value for m in hist) / len(hist) if hist else float("nan")
+    return statistics.median(m.value for m in hist) if hist else float("nan")
 
 
 def comparison_rows(c: Any, run_ids: dict[str, str], results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -183,8 +189,8 @@ def comparison_rows(c: Any, run_ids: dict[str, str], results: dict[str, Any]) ->
         row: dict[str, Any] = {"method": m}
         row.update({k: v for k, v in sorted(metrics.items()) if k.startswith("test/")})
         row["masking_flagged"] = bool(getattr(report, "flagged", False))
-        row["time/epoch_s"] = _history_mean(c, run_id, "time/epoch_s")
-        row["images_per_s"] = _history_mean(c, run_id, "time/samples_per_s")
+        row["time/epoch_s"] = _history_median(c, run_id, "time/epoch_s")
+        row["images_per_s"] = _history_median(c, run_id, "time/samples_per_s")
         row["time/train_total_s"] = run.data.metrics.get("time/train_total_s", float("nan"))
         row["time/accelerator_hours"] = run.data.metrics.get("time/accelerator_hours", float("nan"))
         row["run_id"] = run_id
@@ -207,7 +213,8 @@ def robust_key(rows: list[dict[str, Any]]) -> str | None:
 def format_table(rows: list[dict[str, Any]]) -> str:
     keys = ["method", "test/clean_acc"]
     rk = robust_key(rows)
-    keys += [k for k in ROBUST_KEY_ORDER if any(k in r for r in rows)]
+    keys += [k for k in (*ROBUST_KEY_ORDER, "test/cw_l2_acc", "test/transfer_acc", "test/rotation_acc",
+                         "test/brightness_acc", "test/contrast_acc", "test/gray_acc") if any(k in r for r in rows)]
     keys += ["masking_flagged", "time/epoch_s", "images_per_s", "time/accelerator_hours", "epoch_time_vs_natural",
              "epoch_time_vs_sprout"]
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -235,8 +242,10 @@ def _log_report(c: Any, parent: str, rows: list[dict[str, Any]]) -> None:
     scores = {r["method"]: {label: float(r[k]) for label, k in axes.items()} for r in rows}
     for r in rows:
         t = r["time/epoch_s"]
-        scores[r["method"]]["speed"] = 1.0 / t if t and not math.isnan(t) else 0.0
-    c.log_figure(parent, figures.radar_chart(scores), "plots/radar.png")
+        if t and not math.isnan(t):
+            scores[r["method"]]["epoch time"] = t
+    fig = figures.plot_radar(scores, lower_is_better=("epoch time",))
+    c.log_figure(parent, fig, "plots/radar.png")
     if rk:
         c.log_figure(parent, pareto_plot(rows, rk), "plots/robustness_vs_cost.png")
 

@@ -117,14 +117,14 @@ def eval_figures(result: Any, *, cfg: Any, state: dict[str, Any] | None) -> list
     curves = {a: result.curve(a) for a in ("pgd20", "cw_linf")}
     curves = {a: pts for a, pts in curves.items() if len(pts) > 1}
     if curves:
-        out.append(("accuracy_vs_eps", figures.accuracy_vs_eps(curves)))
+        out.append(("accuracy_vs_eps", figures.plot_accuracy_vs_eps(curves)))
     beta = (state or {}).get("method", {}).get("beta") if state else None
     if beta is not None:
         from orchestrator.worker import datasets
         from trainables.data import dataset_info
 
         names = dataset_info(datasets(cfg, ("val",))["val"]).class_names
-        out.append(("beta_correlation", figures.beta_correlation_heatmap(beta, list(names))))
+        out.append(("beta_correlation", figures.plot_label_correlation(beta, list(names))))
     return out
 
 

@@ -201,6 +201,9 @@ def run_training(
     best = best_checkpoint_path(result, cfg)
     if log_model and best is not None:
         log_final_model(cfg, run_id, best)
+    elif best is not None:
+        c.set_tag(run_id, "sprout.selected_checkpoint", best)
+    c.set_terminated(run_id, status="FINISHED")
     return TrainOutcome(
         name=name, run_id=run_id, checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         best_checkpoint_path=best, metrics=dict(result.metrics or {}), resumed=resumed, train_seconds=total,

@@ -112,12 +112,18 @@ def write_table(rows: list[dict[str, Any]], directory: Path, stem: str) -> tuple
     return csv_path, md_path
 
 
+def is_grid(space: dict[str, Any]) -> bool:
+    domains = [v for v in space.values() if isinstance(v, dict) or hasattr(v, "sample")]
+    return bool(domains) and all(isinstance(v, dict) and "grid_search" in v for v in domains)
+
+
 def run_sweep(cfg: Any, space_name: str, *, name: str, samples: int | None = None, scheduler: str | None = None,
               search: str | None = None, log_model: bool = True) -> dict[str, Any]:
     from search_spaces import load_space
 
     space = load_space(space_name)
-    samples = samples or cfg.tune.num_samples
+    # Tune repeats a grid num_samples times: a pure grid runs once unless asked otherwise.
+    samples = samples or (1 if is_grid(space) else cfg.tune.num_samples)
     scheduler = scheduler or cfg.tune.scheduler
     search = search or cfg.tune.search
     concurrency = max_concurrent(cfg, cfg.tune.max_concurrent_trials, available_resources())
@@ -170,7 +176,7 @@ def sensitivity_figures(rows: list[dict[str, Any]], space: dict[str, Any], metri
     """Heatmaps of ``metric`` over each pair of swept numeric keys (paper Fig. 5)."""
     import itertools
 
-    from trainables.figures import sensitivity_heatmap
+    from trainables.figures import plot_sensitivity
 
     keys = [k for k in space if k != "method" and all(isinstance(r.get(k), (int, float)) for r in rows)]
     out = []
@@ -183,5 +189,5 @@ def sensitivity_figures(rows: list[dict[str, Any]], space: dict[str, Any], metri
         for r in rows:
             if metric in r:
                 grid[ys.index(r[b])][xs.index(r[a])] = float(r[metric])
-        out.append((f"sensitivity_{a}_{b}", sensitivity_heatmap(grid, xs, ys, a, b, metric)))
+        out.append((f"sensitivity_{a}_{b}", plot_sensitivity(grid, ys, xs, row_label=b, col_label=a, title=metric)))
     return out

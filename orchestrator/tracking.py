@@ -42,13 +42,28 @@ def git_sha() -> str:
         return "unknown"
 
 
+def default_artifact_location(uri: str, experiment: str) -> str | None:
+    """For a SQLite store, artifacts live beside the database (not in whatever cwd a worker has)."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in experiment)
+        return (db.parent / "mlartifacts" / safe).as_uri()
+    return None
+
+
 def experiment_id(c: Any, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    return c.create_experiment(name)
+    try:
+        return c.create_experiment(name, artifact_location=default_artifact_location(c.tracking_uri, name))
+    except Exception:  # noqa: BLE001 - another process created it first (concurrent trials)
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def find_run(c: Any, exp_id: str, key: str, parent_run_id: str | None = None) -> Any | None:

@@ -186,7 +186,7 @@ def train_step(
         out = method.loss(model, x, y)
     if not torch.isfinite(out.loss.detach()):
         raise NonFiniteLossError(
-            f"non-finite loss {float(out.loss)} {where}(method {method.name}); the last good checkpoint is kept"
+            f"non-finite loss {float(out.loss.detach())} {where}(method {method.name}); the last good checkpoint is kept"
         )
     (out.loss / accum).backward()
     if update:
@@ -218,7 +218,9 @@ def train_epoch(
     stats = EpochStats()
     extra_sums: dict[str, float] = {}
     t0 = time.perf_counter()
-    accum = max(int(opts.grad_accum), 1)
+    # Free-AT steps the optimizer on every replay: nothing to accumulate, and dividing its
+    # loss by grad_accum would only shrink its learning rate.
+    accum = max(int(opts.grad_accum), 1) if method.replays == 1 else 1
     optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(loader):
         if max_steps is not None and step >= max_steps:

@@ -1,5 +1,6 @@
 """Attacks. Training uses ``pgd_linf`` (one implementation, explicit BatchNorm mode)."""
 
+from trainables.attacks import autoattack, cw, invariance, masking, targeted, transfer  # noqa: F401  (register)
 from trainables.attacks.pgd import bn_mode, cw_margin_loss, pgd_linf
 from trainables.registry import ATTACKS
 

@@ -27,6 +27,17 @@ def imagenet_transform(train: bool, image_size: int = 224):
     return T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor()])
 
 
+def load_rgb(path: str):
+    """Decode one image file to RGB; an unreadable file is a DataError naming it."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except OSError as e:  # includes PIL.UnidentifiedImageError and truncated files
+        raise DataError(f"ImageNet image {path} could not be decoded ({e}); expected JPEG/PNG files in {LAYOUT}") from None
+
+
 @DATASETS.register("imagenet")
 def imagenet(
     root: str | None = None,
@@ -45,7 +56,7 @@ def imagenet(
     from torchvision.datasets import ImageFolder
 
     try:
-        ds = ImageFolder(str(folder), transform=imagenet_transform(split == "train", image_size))
+        ds = ImageFolder(str(folder), transform=imagenet_transform(split == "train", image_size), loader=load_rgb)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"ImageNet folder {folder} is malformed: {e}; expected {LAYOUT}") from None
     info = DataInfo(len(ds.classes), 3, image_size, IMAGENET_MEAN, IMAGENET_STD, tuple(ds.classes))

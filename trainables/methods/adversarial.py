@@ -138,7 +138,9 @@ class FreeAT(Method):
         self._live: Tensor | None = None
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
-        if self.delta is None or self.delta.shape[1:] != x.shape[1:] or self.delta.device != x.device:
+        if self.delta is not None and self.delta.device != x.device:
+            self.delta = self.delta.to(x.device)  # e.g. restored from a (CPU) checkpoint
+        if self.delta is None or self.delta.shape[1:] != x.shape[1:]:
             self.delta = torch.zeros_like(x[:1]).expand_as(x).clone()
         if self.delta.shape[0] < x.shape[0]:
             pad = torch.zeros_like(x[: x.shape[0] - self.delta.shape[0]])

@@ -44,6 +44,7 @@ class Method(abc.ABC):
 
     def after_step(self) -> None:
         """Update method state from gradients of the last backward (no-op by default)."""
+        return None
 
     def epoch_metrics(self) -> dict[str, float]:
         return {}
@@ -80,10 +81,41 @@ def check_params(section: str, params: Any, rules: dict[str, tuple[str, Any]]) -
 def params_from_dict(cls: type, section: str, values: dict[str, Any] | None) -> Any:
     """Build a params dataclass, rejecting unknown keys with the allowed ones listed."""
     values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(
-            f"{section}.{unknown[0]} is not a known key; expected one of: {', '.join(sorted(known))}"
+            f"{section}.{unknown[0]} is not a known key; expected one of: {', '.join(sorted(fields))}"
         )
+    for name, value in values.items():
+        values[name] = _coerce(section, name, value, fields[name].type)
     return cls(**values)
+
+
+def _coerce(section: str, name: str, value: Any, annotation: Any) -> Any:
+    """Check a value against its field's simple annotation (bool, int, float, str, X | None).
+
+    An int is accepted for a float (and returned as float); a bool is never a number and a
+    string never a number (YAML ``8/255`` is a string): those raise ValueError naming the key.
+    """
+    ann = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    kinds = {part.strip() for part in ann.split("|")}
+    if not kinds <= {"bool", "int", "float", "str", "None"}:
+        return value  # a richer annotation: the dataclass's own checks apply
+    if value is None and "None" in kinds:
+        return value
+    if isinstance(value, bool):
+        if "bool" in kinds:
+            return value
+    elif isinstance(value, int):
+        if "int" in kinds:
+            return value
+        if "float" in kinds:
+            return float(value)
+    elif isinstance(value, float):
+        if "float" in kinds:
+            return value
+    elif isinstance(value, str) and "str" in kinds:
+        return value
+    expect = " or ".join("null" if k == "None" else k for k in sorted(kinds))
+    raise ValueError(f"{section}.{name} must be {expect}, got {value!r} ({type(value).__name__})")

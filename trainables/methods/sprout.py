@@ -67,7 +67,8 @@ class Sprout(Method):
             g = torch.Generator().manual_seed(seed)
             beta = 0.1 + 0.9 * torch.rand(num_classes, generator=g)
         self.beta = nn.Parameter(beta.clamp_min(p.beta_min))
-        self.beta_optimizer = torch.optim.SGD([self.beta], lr=p.beta_lr or lr, maximize=True)
+        # foreach=False: one small tensor, and the per-tensor loop is the cheaper path for it
+        self.beta_optimizer = torch.optim.SGD([self.beta], lr=p.beta_lr or lr, maximize=True, foreach=False)
 
     def to(self, device: torch.device | str) -> Sprout:
         with torch.no_grad():

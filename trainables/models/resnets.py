@@ -45,6 +45,8 @@ class WideResNet(nn.Module):
         super().__init__()
         if (depth - 4) % 6 != 0:
             raise ValueError(f"model.depth must be 6n+4 (e.g. 16, 28, 34), got {depth}")
+        if depth < 10 or widen < 1:
+            raise ValueError(f"model.depth must be >= 10 and model.widen >= 1, got depth={depth}, widen={widen}")
         n = (depth - 4) // 6
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
         self.conv = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)

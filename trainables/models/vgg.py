@@ -24,10 +24,13 @@ def vgg16(
     c = in_channels
     for v in VGG16:
         if v == "M":
-            layers.append(nn.MaxPool2d(2))
+            # ceil_mode only matters below 32×32 (a 1×1 map stays 1×1, so 8×8 digits work);
+            # at 32×32 every map is even and this is the standard CIFAR VGG-16.
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
         else:
             layers += [nn.Conv2d(c, int(v), 3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
             c = int(v)
-    # Adaptive pooling keeps the head valid for inputs other than 32×32 (e.g. tests, digits).
-    net = nn.Sequential(*layers[:-1], nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes))
+    # All five max-pools, then 1×1 → 512 features, as the CIFAR VGG-16 (32×32 → 1×1); the
+    # adaptive average keeps the head valid for larger inputs.
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes))
     return Normalized(net, mean, std)
