@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (as train.precision: bf16)")
+    ap.add_argument("--no-malloc-trim", action="store_true",
+                    help="glibc only: keep freed memory mapped (mallopt), so CPU timings do not depend on "
+                         "each method's allocation pattern through page faults (see BENCHMARKS.md)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
     return ap.parse_args(argv)
 
@@ -82,6 +85,22 @@ def cpu_name() -> str:
     return f"{model or platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
 
 
+def keep_freed_memory_mapped() -> bool:
+    """glibc mallopt: no heap trimming and no mmap for large blocks, so freed activation
+    buffers are reused instead of being unmapped and page-faulted back in every step (the
+    like MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ / MALLOC_TOP_PAD_ in the environment)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or platform.system() != "Linux":
+        return False
+    libc = ctypes.CDLL(name)
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    settings = ((m_trim_threshold, 1 << 30), (m_top_pad, 256 << 20), (m_mmap_threshold, 1 << 25))
+    return all(libc.mallopt(opt, val) == 1 for opt, val in settings)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -90,6 +109,7 @@ def _sync(device: torch.device) -> None:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc_tuned = keep_freed_memory_mapped() if args.no_malloc_trim else False
     device = torch.device(args.device)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     names = ["natural"] + [n for n in dict.fromkeys(names) if n != "natural"]
@@ -154,6 +174,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "bf16": bool(args.bf16),
+        "malloc_no_trim": malloc_tuned,
         "torch": torch.__version__,
         "warmup": args.warmup,
         "rounds": args.rounds,
@@ -167,7 +188,8 @@ def table(res: dict[str, Any]) -> str:
     shape = "×".join(str(s) for s in res["input_shape"])
     lines = [
         f"{res['model']} on {res['dataset']} ({shape}), batch {res['batch_size']}, {res['device']} "
-        f"[{res['device_name']}] ({res['threads']} threads), torch {res['torch']}{', bf16' if res['bf16'] else ''}; "
+        f"[{res['device_name']}] ({res['threads']} threads), torch {res['torch']}{', bf16' if res['bf16'] else ''}"
+        f"{', malloc no-trim' if res.get('malloc_no_trim') else ''}; "
         f"median of {res['rounds']}×{res['steps_per_round']} interleaved steps after {res['warmup']} warm-up",
         "",
         "| method | ms/step | step / natural | paired step / natural | steps/batch | ms/batch | batch / natural |",

@@ -166,7 +166,8 @@ def _evaluate_all(cfg: Any, cfgs: dict[str, Any], states: dict[str, Any], attack
     task = ray.remote(num_cpus=SHARD_CPUS)(_eval_shard)
     refs = {}
     for m, state in states.items():
-        atk = [a for a in attacks if a != "transfer" or (source is not None and m != "natural")]
+        # natural's own transfer row is its white-box PGD (source = target): kept so every row is filled
+        atk = [a for a in attacks if a != "transfer" or source is not None]
         refs[m] = task.remote(cfgs[m].to_dict(), state["model"], source["model"] if source and "transfer" in atk else None,
                               cfgs["natural"].to_dict() if source and "transfer" in atk else None, atk, n_examples, 0, 1)
     return {m: EvalResult.from_dict(ray.get(r)) for m, r in refs.items()}

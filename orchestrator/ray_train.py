@@ -62,7 +62,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from orchestrator.config import from_dict
     from orchestrator.tracking import MetricLogger
-    from orchestrator.worker import build_run, evaluate_val, step_options
+    from orchestrator.worker import RayShardLoader, build_run, evaluate_val, step_options
     from trainables.checkpoint import load_checkpoint, save_checkpoint
     from trainables.loop import EpochStats, lr_at, restore_state, train_epoch, training_state
 
@@ -103,6 +103,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rank=rank, opts=opts, max_steps=cfg.train.max_steps_per_epoch,
         )
         total = EpochStats.from_tensor(_all_reduce_sum(local.as_tensor()), local.seconds, local.extra)
+        if isinstance(run.train_loader, RayShardLoader):
+            _record(name, rank, epoch, {"pid": os.getpid(), "ids": run.train_loader.seen})
         metrics = total.metrics()
         metrics["time/epoch_s"] = time.perf_counter() - t0
         metrics["time/samples_per_s"] = total.count / metrics["time/epoch_s"]

@@ -90,8 +90,17 @@ def fit_trainer(cfg: Any, name: str, run_id: str, *, in_tune: bool = False) -> A
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
+    datasets = None
+    if cfg.data.name == "imagenet" and cfg.data.format == "parquet":
+        from orchestrator.ray_data import imagenet_parquet_datasets
+
+        datasets = imagenet_parquet_datasets(
+            cfg.data.root, seed=cfg.train.seed, val_fraction=cfg.data.val_fraction,
+            image_size=cfg.data.image_size or 224, split_names=("train", "val"),
+        )
     trainer = TorchTrainer(
         train_loop_per_worker,
+        datasets=datasets,
         train_loop_config={
             "cfg": cfg.to_dict(),
             "name": name,

@@ -97,7 +97,11 @@ def ensure_ray() -> None:
         ray.init(
             runtime_env=env,
             num_cpus=int(os.cpu_count() or 1),
-            include_dashboard=False,
+            # The dashboard hosts the State API that Ray Train's placement-group cleaner
+            # polls; without it, trials stopped early by ASHA leak their CPUs and later
+            # trials never start. It binds to loopback only.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
             log_to_driver=True,
             configure_logging=True,

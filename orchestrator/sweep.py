@@ -83,7 +83,7 @@ def make_tuner(cfg: Any, name: str, space: dict[str, Any], *, samples: int, sche
 def results_table(grid: Any, metric: str) -> list[dict[str, Any]]:
     rows = []
     for r in grid:
-        row: dict[str, Any] = {"trial_id": Path(r.path).name if r.path else ""}
+        row: dict[str, Any] = {"trial_id": (r.metrics or {}).get("trial_id", Path(r.path).name if r.path else "")}
         row.update({k: v for k, v in (r.config or {}).get("overrides", {}).items()})
         m = r.metrics or {}
         for k in (metric, "val/clean_acc", "val/pgd_acc", "train/loss", "training_iteration", "time/epoch_s"):
@@ -144,7 +144,7 @@ def run_sweep(cfg: Any, space_name: str, *, name: str, samples: int | None = Non
         raise
     metric = cfg.tune.metric
     rows = results_table(grid, metric)
-    _finish_children(c, cfg, parent, name)
+    _finish_children(c, cfg, parent, name, rows)
     summary: dict[str, Any] = {"parent_run_id": parent, "rows": rows, "resumed": resumed}
     ok = [r for r in rows if metric in r]
     if ok:
@@ -162,14 +162,19 @@ def run_sweep(cfg: Any, space_name: str, *, name: str, samples: int | None = Non
     return summary
 
 
-def _finish_children(c: Any, cfg: Any, parent: str, sweep: str) -> None:
-    """Children left RUNNING were stopped by the scheduler: close them, tagged as such."""
+def _finish_children(c: Any, cfg: Any, parent: str, sweep: str, rows: list[dict[str, Any]]) -> None:
+    """Close children the scheduler stopped (their trial was interrupted mid-run), tagged as such."""
     exp = c.get_experiment_by_name(cfg.experiment)
     runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000)
-    for r in runs:
-        if r.info.status == "RUNNING":
-            c.set_tag(r.info.run_id, "sprout.early_stopped", "true")
-            c.set_terminated(r.info.run_id, status="FINISHED")
+    by_key = {r.data.tags.get(tracking.RUN_KEY): r for r in runs}
+    for row in rows:
+        run = by_key.get(f"{sweep}/{row['trial_id']}")
+        if run is None or row["error"]:
+            continue
+        if row.get("training_iteration", cfg.train.epochs) < cfg.train.epochs:
+            c.set_tag(run.info.run_id, "sprout.early_stopped", "true")
+        if run.info.status != "FINISHED":
+            c.set_terminated(run.info.run_id, status="FINISHED")
 
 
 def sensitivity_figures(rows: list[dict[str, Any]], space: dict[str, Any], metric: str) -> list[tuple[str, Any]]:

@@ -52,10 +52,45 @@ def datasets(cfg: Any, splits: tuple[str, ...] = ("train", "val")) -> dict[str, 
     return {s: DATASETS[d.name](root=d.root, split=s, **d.options(cfg.train.seed)) for s in splits}
 
 
+def is_streaming(cfg: Any) -> bool:
+    """ImageNet Parquet shards are streamed by Ray Data instead of a map-style Dataset."""
+    return cfg.data.name == "imagenet" and cfg.data.format == "parquet"
+
+
+class RayShardLoader:
+    """An epoch iterable over this worker's Ray Data shard (a fresh stream per epoch).
+
+    ``seen`` collects the row ids of the last epoch, for sharding audits.
+    """
+
+    def __init__(self, split: str, batch_size: int, device: torch.device, channels_last: bool, train: bool) -> None:
+        self.split, self.batch_size, self.device = split, batch_size, device
+        self.channels_last, self.train = channels_last, train
+        self.seen: list[int] = []
+
+    def __iter__(self):
+        import ray.train
+
+        from orchestrator.ray_data import iter_worker_batches
+
+        self.seen = []
+        shard = ray.train.get_dataset_shard(self.split)
+        for batch in iter_worker_batches(shard, self.batch_size, self.device, channels_last=self.channels_last,
+                                         drop_last=self.train):
+            self.seen.extend(int(i) for i in batch.pop("id").tolist())
+            yield batch
+
+
 def build_run(cfg: Any, *, rank: int = 0, world: int = 1, device: torch.device | str = "cpu") -> WorkerRun:
     device = torch.device(device)
-    ds = datasets(cfg)
-    info = dataset_info(ds["train"])
+    if is_streaming(cfg):
+        from orchestrator.ray_data import imagenet_parquet_info
+
+        info = imagenet_parquet_info(cfg.data.root, image_size=cfg.data.image_size or 224)
+        ds = None
+    else:
+        ds = datasets(cfg)
+        info = dataset_info(ds["train"])
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     model = build_model(cfg, info)
     if cfg.train.init_from:
@@ -70,6 +105,11 @@ def build_run(cfg: Any, *, rank: int = 0, world: int = 1, device: torch.device |
     ).to(device)
     optimizer = build_optimizer(model, optim_config(cfg))
     epochs = max(1, math.ceil(cfg.train.epochs / method.epoch_divisor))
+    if ds is None:
+        train_loader: Any = RayShardLoader("train", cfg.data.batch_size, device, cfg.train.channels_last, True)
+        val_loader: Any = RayShardLoader("val", cfg.data.eval_batch_size, device, cfg.train.channels_last, False)
+        return WorkerRun(model, method, optimizer, optim_config(cfg), epochs, train_loader, val_loader,
+                         info.num_classes)
     pin = device.type == "cuda"
     train_loader = make_loader(
         ds["train"], cfg.data.batch_size, seed=cfg.train.seed, shuffle=True, rank=rank, world_size=world,

@@ -95,56 +95,69 @@ def _gamma(a: float, generator: torch.Generator | None, where: str | torch.devic
             return d * v
 
 
-def dirichlet_concentration(y: Tensor, beta: Tensor, alpha: float, scale: float = 1.0) -> Tensor:
-    """c = scale·((1−α)·y + α·β), paper eq. (6) (SPEC §2 step 3)."""
+def dirichlet_concentration(
+    y: Tensor, beta: Tensor, alpha: float, scale: float = 1.0, dtype: torch.dtype | None = None
+) -> Tensor:
+    """c = scale·((1−α)·y + α·β), paper eq. (6) (SPEC §2 step 3), in ``dtype`` (default y's).
+
+    Computed as the K-vector (s·α)·β broadcast-added to (s·(1−α))·y: one N×K operation.
+    """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"dirichlet_alpha must be in [0, 1], got {alpha}")
     if scale <= 0:
         raise ValueError(f"dirichlet_scale must be > 0, got {scale}")
     if beta.ndim != 1 or beta.shape[0] != y.shape[-1]:
         raise ValueError(f"beta must have shape ({y.shape[-1]},), got {tuple(beta.shape)}")
-    return scale * ((1.0 - alpha) * y + alpha * beta.to(y.dtype).unsqueeze(0))
+    return torch.add(beta.to(dtype or y.dtype) * (scale * alpha), y, alpha=scale * (1.0 - alpha))
 
 
-# Concentrations far below this make Gamma samples underflow to exactly 0 in float32,
-# which turns the implicit-reparameterisation gradient into NaN.
+# Concentrations far below this make Gamma samples underflow (torch then returns the smallest
+# normal double), which makes the implicit-reparameterisation gradient meaningless.
 MIN_CONCENTRATION = 1e-4
 
 
-class _DirichletTargets(torch.autograd.Function):
-    """c = clamp(s·((1−α)·y + α·β), MIN_CONCENTRATION) → ỹ = Dirichlet(c).rsample(), fused.
+def floored_concentration(y: Tensor, beta: Tensor, alpha: float, scale: float = 1.0) -> Tensor:
+    """The float64 concentration that ``dirichlet_targets`` samples from: c floored at
+    ``MIN_CONCENTRATION`` (tiny concentrations α·β ≈ 0.01 underflow in float32)."""
+    return dirichlet_concentration(y, beta, alpha, scale, torch.float64).clamp_min(MIN_CONCENTRATION)
 
-    The same kernels, random stream and gradient formula as
-    ``torch.distributions.Dirichlet(c.double()).rsample()`` behind the autograd chain
-    (concentration → clamp → float64 → sample → cast), bit for bit; as one autograd node it
-    saves the distribution object, its argument validation and five small autograd nodes per
-    step (about 0.1 ms on a CPU, see BENCHMARKS.md).
+
+class _DirichletTargets(torch.autograd.Function):
+    """ỹ = Dirichlet(floored_concentration(y, β, α, s)).rsample(), as one autograd node.
+
+    Forward: the same kernel and random stream as ``torch.distributions.Dirichlet(c).rsample()``
+    on that concentration, so the samples are bit-identical. Backward: torch's implicit
+    reparameterisation gradient (``torch._dirichlet_grad``, as in
+    ``torch.distributions.dirichlet._Dirichlet_backward``), carried back to y and β in
+    float64, with zero gradient where the floor applies; it equals autograd through the
+    unfused chain up to float rounding. One node instead of the distribution object, its
+    argument validation and about ten small autograd nodes: ~0.3–0.5 ms less per step in a
+    CPU training step (BENCHMARKS.md).
     """
 
     @staticmethod
     def forward(ctx, y: Tensor, beta: Tensor, alpha: float, scale: float) -> Tensor:  # type: ignore[override]
-        pre = dirichlet_concentration(y, beta, alpha, scale)
-        # Sampled in float64: tiny concentrations (α·β ≈ 0.01) underflow in float32, and
-        # torch's Dirichlet gradient kernel is also faster in float64 on CPU.
-        conc = pre.clamp_min(MIN_CONCENTRATION).double()
+        conc = dirichlet_concentration(y, beta, alpha, scale, torch.float64).clamp_min_(MIN_CONCENTRATION)
         sample = torch._sample_dirichlet(conc)
-        ctx.save_for_backward(sample, conc, pre)
+        ctx.save_for_backward(sample, conc)
         ctx.alpha, ctx.scale, ctx.beta_dtype = alpha, scale, beta.dtype
         return sample.to(y.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        sample, conc, pre = ctx.saved_tensors
+        sample, conc = ctx.saved_tensors
+        # Every small op costs ~10–30 µs inside a CPU training step, so this is written
+        # with as few of them as the maths allows.
         g = grad_out.to(sample.dtype)
-        # torch.distributions.dirichlet._Dirichlet_backward: implicit reparameterisation
-        total = conc.sum(-1, True).expand_as(conc)
-        dconc = torch._dirichlet_grad(sample, conc, total) * (g - (sample * g).sum(-1, True))
-        # back through the cast, clamp_min (zero gradient where clamped) and s·(...), in
-        # autograd's order, so gradients match the unfused chain exactly
-        dpre = torch.where(pre >= MIN_CONCENTRATION, dconc.to(pre.dtype), 0.0) * ctx.scale
-        grad_y = dpre * (1.0 - ctx.alpha) if ctx.needs_input_grad[0] else None
-        grad_beta = (dpre.sum(0) * ctx.alpha).to(ctx.beta_dtype) if ctx.needs_input_grad[1] else None
+        g -= torch.linalg.vecdot(sample, g).unsqueeze(-1)  # project onto the simplex's tangent
+        dconc = torch._dirichlet_grad(sample, conc, conc.sum(-1, True).expand_as(conc))
+        dconc *= g
+        dconc.masked_fill_(conc == MIN_CONCENTRATION, 0.0)  # floored entries: no gradient
+        grad_y = (dconc * (ctx.scale * (1.0 - ctx.alpha))).to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_beta = None
+        if ctx.needs_input_grad[1]:
+            grad_beta = dconc.sum(0, dtype=ctx.beta_dtype).mul_(ctx.scale * ctx.alpha)
         return grad_y, grad_beta, None, None
 
 

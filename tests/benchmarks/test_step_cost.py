@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -42,12 +45,15 @@ def test_step_cost_times_every_registered_method_against_natural(tmp_path, capsy
     assert "| sprout |" in printed and "SPROUT step / natural step" in printed
 
 
-def test_step_cost_method_subset_always_includes_natural(capsys):
-    before = torch.get_num_threads()
-    try:
-        load().main(["--dataset", "synthetic", "--image-size", "8", "--channels", "1", "--batch-size", "4",
-                     "--rounds", "1", "--steps", "1", "--warmup", "0", "--threads", "1", "--methods", "sprout"])
-    finally:
-        torch.set_num_threads(before)
-    rows = [ln.split("|")[1].strip() for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+def test_step_cost_method_subset_always_includes_natural_and_runs_as_a_script():
+    """As a script (a subprocess, since --no-malloc-trim changes the process's allocator)."""
+    cmd = [sys.executable, str(SCRIPT), "--dataset", "synthetic", "--image-size", "8", "--channels", "1",
+           "--batch-size", "4", "--rounds", "1", "--steps", "1", "--warmup", "0", "--threads", "1",
+           "--methods", "sprout", "--no-malloc-trim", "--json", "-"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [ln.split("|")[1].strip() for ln in r.stdout.splitlines() if ln.startswith("| ")]
     assert rows[1:] == ["natural", "sprout"]
+    res = json.loads(r.stdout[r.stdout.index("{"):])
+    assert [x["method"] for x in res["results"]] == ["natural", "sprout"]
+    assert res["malloc_no_trim"] is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

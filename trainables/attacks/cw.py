@@ -25,29 +25,6 @@ from trainables.attacks.pgd import BNMode, bn_mode, pgd_linf
 from trainables.registry import ATTACKS
 
 
-class _MarginLogits(nn.Module):
-    """Logits whose cross-entropy is softplus(max_{j≠y} z_j − z_y), a strictly increasing
-    function of the C&W margin: sign-gradient PGD on it takes exactly the C&W-ℓ∞ steps.
-
-    Keeping only z_y and the best other logit (the rest set to −inf) also keeps argmax
-    meaning "misclassified or not", which ``pgd_linf`` uses to pick the worst restart.
-    The wrapped model is held outside the module tree so that ``pgd_linf``'s BatchNorm
-    switch on the wrapper never touches it (the caller sets the model's mode).
-    """
-
-    def __init__(self, model: nn.Module, y: Tensor) -> None:
-        super().__init__()
-        self.__dict__["inner"] = model
-        self.y = y
-
-    def forward(self, x: Tensor) -> Tensor:
-        z = self.inner(x)
-        own = F.one_hot(self.y, z.shape[1]).bool()
-        best_other = z.masked_fill(own, float("-inf")).argmax(1)
-        keep = own | F.one_hot(best_other, z.shape[1]).bool()
-        return z.masked_fill(~keep, float("-inf"))
-
-
 def cw_linf(
     model: nn.Module,
     x: Tensor,
@@ -61,16 +38,10 @@ def cw_linf(
     bn: BNMode = "eval",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """C&W-ℓ∞: PGD-ℓ∞ on the C&W margin max_{j≠y} z_j − z_y; step size 2.5·ε/steps unless given.
-
-    The margin enters through ``_MarginLogits`` rather than ``pgd_linf(loss="cw")``, whose
-    ``cw_margin_loss`` clamps the margin at −κ from below: with κ = 0 that zeroes the
-    gradient of every still-correct example, so the attack would never move.
-    """
+    """C&W-ℓ∞: PGD-ℓ∞ on the C&W margin min(max_{j≠y} z_j − z_y, 0); step 2.5·ε/steps unless given."""
     ss = 2.5 * eps / max(steps, 1) if step_size is None else step_size
-    with bn_mode(model, bn):
-        return pgd_linf(_MarginLogits(model, y), x, y, eps=eps, step_size=ss, steps=steps, restarts=restarts,
-                        random_start=random_start, loss="ce", bn=bn, generator=generator)
+    return pgd_linf(model, x, y, eps=eps, step_size=ss, steps=steps, restarts=restarts,
+                    random_start=random_start, loss="cw", bn=bn, generator=generator)
 
 
 @dataclass

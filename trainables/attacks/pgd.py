@@ -33,10 +33,14 @@ def bn_mode(model: nn.Module, mode: BNMode) -> Iterator[nn.Module]:
 
 
 def cw_margin_loss(logits: Tensor, y: Tensor, kappa: float = 0.0) -> Tensor:
-    """Per-example C&W margin max_{j≠y} z_j − z_y (higher = more adversarial), clamped at −κ."""
+    """Per-example C&W objective min(max_{j≠y} z_j − z_y, κ) (Carlini & Wagner 2017, f₆), to maximise.
+
+    Still-correct examples (negative margin) get the full margin gradient; an example stops
+    being pushed once it is misclassified with confidence κ.
+    """
     true = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return (other - true).clamp_min(-kappa)
+    return (other - true).clamp_max(kappa)
 
 
 def _per_example_loss(logits: Tensor, y: Tensor, loss: str, targeted: bool) -> Tensor:

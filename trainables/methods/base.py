@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -104,17 +106,17 @@ def _coerce(section: str, name: str, value: Any, annotation: Any) -> Any:
         return value  # a richer annotation: the dataclass's own checks apply
     if value is None and "None" in kinds:
         return value
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         if "bool" in kinds:
-            return value
-    elif isinstance(value, int):
+            return bool(value)
+    elif isinstance(value, numbers.Integral):  # int and numpy integers (e.g. from a Tune sampler)
         if "int" in kinds:
-            return value
+            return int(value)
         if "float" in kinds:
             return float(value)
-    elif isinstance(value, float):
+    elif isinstance(value, numbers.Real):
         if "float" in kinds:
-            return value
+            return float(value)
     elif isinstance(value, str) and "str" in kinds:
         return value
     expect = " or ".join("null" if k == "None" else k for k in sorted(kinds))

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainables.methods.base import Method, StepOutput, check_params
@@ -83,7 +82,7 @@ class Sprout(Method):
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         p = self.params
-        y_soft = F.one_hot(y, self.num_classes).to(x.dtype)
+        y_soft = one_hot(y, self.num_classes, x.dtype)
         if p.use_gaussian:
             x = gaussian_augment(x, p.gaussian_delta, clip=p.clip_gaussian)
         if p.use_mixup:
@@ -99,6 +98,8 @@ class Sprout(Method):
             # β is not a DDP parameter: average its gradient across workers ourselves.
             dist.all_reduce(self.beta.grad)
             self.beta.grad /= dist.get_world_size()
+        # through the optimizer's own step (not a hand-written update), so its step hooks and
+        # any LR scheduler attached to it keep working
         self.beta_optimizer.step()
         self.beta_optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -114,6 +115,11 @@ class Sprout(Method):
         with torch.no_grad():
             self.beta.copy_(state["beta"].to(self.beta.device))
         self.beta_optimizer.load_state_dict(state["beta_optimizer"])
+
+
+def one_hot(y: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """Float one-hot rows; a scatter, without ``F.one_hot``'s host-side range check."""
+    return torch.zeros(y.shape[0], num_classes, dtype=dtype, device=y.device).scatter_(1, y.unsqueeze(1), 1.0)
 
 
 METHODS.register("sprout")(Sprout)

@@ -205,3 +205,14 @@ def test_unknown_method_lists_the_registered_ones():
 def test_integer_values_are_accepted_for_float_parameters():
     m = build_method("sprout", {"dirichlet_scale": 11, "beta_lr": 1}, num_classes=10, lr=0.1)
     assert m.params.dirichlet_scale == 11 and m.beta_optimizer.param_groups[0]["lr"] == 1
+    assert isinstance(m.params.dirichlet_scale, float)
+
+
+def test_numpy_scalars_from_a_sampler_are_accepted_as_python_numbers():
+    import numpy as np
+
+    m = build_method("free_at", {"replays": np.int64(4), "eps": np.float32(0.5)}, num_classes=10, lr=0.1)
+    assert m.replays == 4 and type(m.params.replays) is int
+    assert type(m.params.eps) is float and m.params.eps == 0.5
+    s = build_method("sprout", {"use_mixup": np.bool_(False)}, num_classes=10, lr=0.1)
+    assert s.params.use_mixup is False

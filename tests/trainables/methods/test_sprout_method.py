@@ -57,6 +57,37 @@ def test_beta_stays_above_beta_min_under_a_huge_step(digits_batch, cnn):
     assert (method.beta == beta_min).any()
 
 
+def test_beta_update_is_bitwise_the_sgd_ascent_step(digits_batch, cnn):
+    """after_step is exactly torch.optim.SGD(maximize=True).step() followed by the floor."""
+    x, y = digits_batch
+    method = build_method("sprout", {"beta_lr": 0.37}, num_classes=10, lr=0.1, seed=5)
+    torch.manual_seed(0)
+    method.loss(cnn.train(), x, y).loss.backward()
+    twin = method.beta.detach().clone().requires_grad_(True)
+    twin.grad = method.beta.grad.clone()
+    sgd = torch.optim.SGD([twin], lr=0.37, maximize=True)
+    sgd.step()
+    with torch.no_grad():
+        twin.clamp_(min=method.params.beta_min)
+    method.after_step()
+    assert torch.equal(method.beta.detach(), twin.detach())
+
+
+def test_the_beta_optimizer_is_stepped_through_its_own_step(digits_batch, cnn):
+    """β's update goes through beta_optimizer.step(): its hooks fire and its settings apply."""
+    x, y = digits_batch
+    method = build_method("sprout", {"beta_lr": 0.5}, num_classes=10, lr=0.1, seed=5)
+    method.beta_optimizer = torch.optim.SGD([method.beta], lr=0.5, momentum=0.9, maximize=True)
+    calls = []
+    method.beta_optimizer.register_step_post_hook(lambda *_: calls.append(1))
+    for seed in range(2):
+        torch.manual_seed(seed)
+        method.loss(cnn.train(), x, y).loss.backward()
+        method.after_step()
+    assert method.beta_optimizer.state[method.beta]["momentum_buffer"] is not None
+    assert len(calls) == 2
+
+
 def test_beta_init_random_is_seeded_positive_and_ones_is_ones():
     a = build_method("sprout", {}, num_classes=10, lr=0.1, seed=3).beta.detach()
     b = build_method("sprout", {}, num_classes=10, lr=0.1, seed=3).beta.detach()
