@@ -200,15 +200,27 @@ COMMANDS: dict[str, Any] = {
 }
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (preemption, `kill`, Kubernetes) stops like Ctrl-C: the MLflow run is
+        # marked KILLED, checkpoints up to the last finished epoch are kept, a re-run resumes.
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:
         print(f"sprout: config error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sprout: interrupted", file=sys.stderr)
+        print("sprout: interrupted; the last epoch's checkpoint is kept: re-run the same command to resume",
+              file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - a failed run: one clear line, exit 1
         if os.environ.get("SPROUT_TRACEBACK"):

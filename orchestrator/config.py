@@ -127,6 +127,7 @@ class ScalingConfig(_Strict):
     gpus_per_worker: float = Field(default=1.0, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     worker_start_timeout_s: float = Field(default=120.0, gt=0)
+    worker_start_retries: int = Field(default=2, ge=0)
 
 
 class EvalConfig(_Strict):

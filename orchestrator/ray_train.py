@@ -64,7 +64,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from orchestrator.tracking import MetricLogger
     from orchestrator.worker import RayShardLoader, build_run, evaluate_val, step_options
     from trainables.checkpoint import load_checkpoint, save_checkpoint
-    from trainables.loop import EpochStats, lr_at, restore_state, train_epoch, training_state
+    from trainables.loop import (
+        EpochStats,
+        NonFiniteLossError,
+        lr_at,
+        restore_state,
+        train_epoch,
+        training_state,
+    )
 
     cfg = from_dict(config["cfg"])
     name = config.get("name", "run")
@@ -98,10 +105,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _record(name, rank, epoch, {"pid": os.getpid(), "indices": [int(i) for i in run.train_loader.sampler]})
         _maybe_inject_fault(name, epoch, rank)
         t0 = time.perf_counter()
-        local = train_epoch(
-            model, run.method, run.optimizer, run.train_loader, device, epoch=epoch, seed=cfg.train.seed,
-            rank=rank, opts=opts, max_steps=cfg.train.max_steps_per_epoch,
-        )
+        try:
+            local = train_epoch(
+                model, run.method, run.optimizer, run.train_loader, device, epoch=epoch, seed=cfg.train.seed,
+                rank=rank, opts=opts, max_steps=cfg.train.max_steps_per_epoch, any_rank=_all_reduce_sum,
+            )
+        except NonFiniteLossError as e:
+            # Deterministic: a Ray retry would diverge again. Every rank stops together (the
+            # flag was all-reduced); rank 0 records why, and the driver fails the run.
+            if logger is not None:
+                logger.close()
+                MetricLogger.record_error(config["mlflow_uri"], config["mlflow_run_id"], str(e))
+            return
         total = EpochStats.from_tensor(_all_reduce_sum(local.as_tensor()), local.seconds, local.extra)
         if isinstance(run.train_loader, RayShardLoader):
             _record(name, rank, epoch, {"pid": os.getpid(), "ids": run.train_loader.seen})

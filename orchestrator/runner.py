@@ -81,7 +81,7 @@ def fit_trainer(cfg: Any, name: str, run_id: str, *, in_tune: bool = False) -> A
     from orchestrator.ray_train import train_loop_per_worker
 
     s = cfg.scaling
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(s.worker_start_timeout_s))
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(s.worker_start_timeout_s)
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
@@ -121,11 +121,31 @@ def fit_trainer(cfg: Any, name: str, run_id: str, *, in_tune: bool = False) -> A
                 checkpoint_score_attribute=_score_attr(cfg),
                 checkpoint_score_order="max",
             ),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.train.max_failures,
+                # Ray's default retries a worker group that cannot be scheduled forever.
+                controller_failure_limit=s.worker_start_retries,
+            ),
             callbacks=callbacks,
         ),
     )
     return trainer.fit()
+
+
+def _short(error: BaseException, cfg: Any) -> str:
+    """Ray's error, plus what was asked and what the cluster has when workers never started."""
+    text = str(error)
+    if "WorkerGroupStartupTimeout" in text or "WorkerGroupStartupTimeout" in type(error).__name__:
+        import ray
+
+        s = cfg.scaling
+        want = f"{s.num_workers} worker(s) × {{CPU: {s.cpus_per_worker:g}" + (
+            f", GPU: {s.gpus_per_worker:g}}}" if s.use_gpu else "}")
+        have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        return (f"the cluster could not start {want} within {s.worker_start_timeout_s:g} s "
+                f"× {s.worker_start_retries + 1} attempt(s); available now: {have}, cluster total: {total}")
+    return text.strip().splitlines()[-1] if text.strip() else type(error).__name__
 
 
 def _score_attr(cfg: Any) -> str:
@@ -188,19 +208,24 @@ def run_training(
         ensure_ray()
     run_id, resumed = start_run(cfg, name, kind=kind, parent_run_id=parent_run_id, key=key)
     c = tracking.client()
+    c.delete_tag(run_id, tracking.ERROR_TAG) if tracking.ERROR_TAG in c.get_run(run_id).data.tags else None
     t0 = time.perf_counter()
     try:
         result = fit_trainer(cfg, name, run_id, in_tune=in_tune)
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         c.set_terminated(run_id, status=status)
-        c.set_tag(run_id, "sprout.error", f"{type(e).__name__}: {e}"[:5000])
+        c.set_tag(run_id, tracking.ERROR_TAG, f"{type(e).__name__}: {e}"[:5000])
         raise
     elapsed = time.perf_counter() - t0
     if result.error is not None:
         c.set_terminated(run_id, status="FAILED")
-        c.set_tag(run_id, "sprout.error", str(result.error)[:5000])
-        raise RuntimeError(f"training run {name!r} failed: {result.error}")
+        c.set_tag(run_id, tracking.ERROR_TAG, str(result.error)[:5000])
+        raise RuntimeError(f"training run {name!r} failed: {_short(result.error, cfg)}")
+    worker_error = c.get_run(run_id).data.tags.get(tracking.ERROR_TAG)
+    if worker_error:
+        c.set_terminated(run_id, status="FAILED")
+        raise RuntimeError(f"training run {name!r} failed: {worker_error}")
     plan = plan_for(cfg)
     accel = plan.gpus if cfg.scaling.use_gpu else plan.workers * plan.cpus_per_worker
     prev = c.get_run(run_id).data.metrics

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 RUN_KEY = "sprout.run_key"
+ERROR_TAG = "sprout.error"
 
 
 def tracking_uri() -> str:
@@ -147,6 +148,10 @@ class MetricLogger:
             self.logged_steps.setdefault(k, set()).add(s)
         self.pending.clear()
         return True
+
+    @staticmethod
+    def record_error(uri: str, run_id: str, message: str) -> None:
+        client(uri).set_tag(run_id, ERROR_TAG, message[:5000])
 
     def close(self, retries: int = 3, wait_s: float = 2.0) -> None:
         for _ in range(retries):

@@ -172,6 +172,7 @@ def train_step(
     accum: int = 1,
     update: bool = True,
     where: str = "",
+    check_finite: bool = True,
 ) -> StepOutput:
     """One optimizer step's work on one minibatch (one replay for Free-AT).
 
@@ -184,7 +185,7 @@ def train_step(
     dev = x.device.type
     with torch.autocast(dev, dtype=opts.autocast_dtype, enabled=opts.autocast_dtype is not None):
         out = method.loss(model, x, y)
-    if not torch.isfinite(out.loss.detach()):
+    if check_finite and not torch.isfinite(out.loss.detach()):
         raise NonFiniteLossError(
             f"non-finite loss {float(out.loss.detach())} {where}(method {method.name}); the last good checkpoint is kept"
         )
@@ -209,8 +210,16 @@ def train_epoch(
     opts: StepOptions | None = None,
     max_steps: int | None = None,
     on_step: Callable[[int], None] | None = None,
+    finite_check_every: int = 20,
+    any_rank: Callable[[Tensor], Tensor] | None = None,
 ) -> EpochStats:
-    """One epoch. Returns local sums; the caller combines workers and logs."""
+    """One epoch. Returns local sums; the caller combines workers and logs.
+
+    Loss sums and the non-finite flag stay on the device (no host sync per step); every
+    ``finite_check_every`` steps and at the end the flag is read, combined over workers with
+    ``any_rank`` (an all-reduce: every rank then raises together, so DDP never hangs), and a
+    NaN/Inf loss raises NonFiniteLossError naming the epoch, step and method.
+    """
     opts = opts or StepOptions()
     seed_epoch(seed, epoch, rank)
     set_loader_epoch(loader, epoch)
@@ -222,6 +231,21 @@ def train_epoch(
     # loss by grad_accum would only shrink its learning rate.
     accum = max(int(opts.grad_accum), 1) if method.replays == 1 else 1
     optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def check(upto: int) -> None:
+        flag = (first_bad >= 0).to(torch.float64).reshape(1)
+        if any_rank is not None:
+            flag = any_rank(flag)
+        if float(flag) > 0:
+            where = int(first_bad) + 1 if int(first_bad) >= 0 else upto
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch + 1}, step {where} (method {method.name}); "
+                "training stopped and the last good checkpoint is kept"
+            )
+
     for step, batch in enumerate(loader):
         if max_steps is not None and step >= max_steps:
             break
@@ -229,14 +253,17 @@ def train_epoch(
         for _ in range(method.replays):
             out = train_step(
                 model, method, optimizer, x, y, opts=opts, accum=accum,
-                update=method.replays > 1 or (step + 1) % accum == 0,
-                where=f"at epoch {epoch + 1}, step {step + 1} ",
+                update=method.replays > 1 or (step + 1) % accum == 0, check_finite=False,
             )
+            bad = ~torch.isfinite(out.loss.detach())
+            first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
         n = y.shape[0]
-        stats.loss_sum += float(out.loss.detach()) * n
-        stats.correct += int((out.logits.detach().argmax(1) == out.labels).sum())
+        loss_sum += out.loss.detach().double() * n
+        correct += (out.logits.detach().argmax(1) == out.labels).sum()
         stats.count += n
         stats.steps += 1
+        if finite_check_every and (step + 1) % finite_check_every == 0:
+            check(step + 1)
         for k, v in out.metrics.items():
             extra_sums[k] = extra_sums.get(k, 0.0) + v * n
         if on_step is not None:
@@ -245,6 +272,8 @@ def train_epoch(
         optimizer.step()
         method.after_step()
         optimizer.zero_grad(set_to_none=True)
+    check(stats.steps)
+    stats.loss_sum, stats.correct = float(loss_sum), int(correct)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats.seconds = time.perf_counter() - t0

@@ -66,7 +66,7 @@ def test_comparison_report_has_every_column_and_measured_ratios(comparison) -> N
         for k in needed[:7]:
             assert 0.0 <= float(r[k]) <= 1.0
     nat, spr = float(rows["natural"]["time/epoch_s"]), float(rows["sprout"]["time/epoch_s"])
-    for m, r in rows.items():
+    for r in rows.values():
         assert math.isclose(float(r["epoch_time_vs_natural"]), float(r["time/epoch_s"]) / nat, rel_tol=1e-9)
         assert math.isclose(float(r["epoch_time_vs_sprout"]), float(r["time/epoch_s"]) / spr, rel_tol=1e-9)
     # the ratio columns come from the per-epoch times each child run logged
