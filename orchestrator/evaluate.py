@@ -38,11 +38,9 @@ def eval_config(cfg: Any, attacks: list[str] | None = None, n_examples: int | No
 
 
 def load_model(cfg: Any, state: dict[str, Any]) -> torch.nn.Module:
-    from orchestrator.worker import build_model, datasets
-    from trainables.data import dataset_info
+    from orchestrator.worker import build_model, data_info
 
-    info = dataset_info(datasets(cfg, ("val",))["val"])
-    model = build_model(cfg, info)
+    model = build_model(cfg, data_info(cfg))
     model.load_state_dict(state)
     return model.eval()
 
@@ -120,10 +118,9 @@ def eval_figures(result: Any, *, cfg: Any, state: dict[str, Any] | None) -> list
         out.append(("accuracy_vs_eps", figures.plot_accuracy_vs_eps(curves)))
     beta = (state or {}).get("method", {}).get("beta") if state else None
     if beta is not None:
-        from orchestrator.worker import datasets
-        from trainables.data import dataset_info
+        from orchestrator.worker import data_info
 
-        names = dataset_info(datasets(cfg, ("val",))["val"]).class_names
+        names = data_info(cfg).class_names
         out.append(("beta_correlation", figures.plot_label_correlation(beta, list(names))))
     return out
 

@@ -172,14 +172,13 @@ def log_final_model(cfg: Any, run_id: str, checkpoint_path: str) -> None:
     import mlflow.pytorch
     import torch
 
-    from orchestrator.worker import build_model, datasets
+    from orchestrator.worker import build_model, data_info
     from trainables.checkpoint import load_checkpoint
-    from trainables.data import dataset_info
 
     c = tracking.client()
     if c.get_run(run_id).data.tags.get("sprout.model_logged") == "true":
         return
-    info = dataset_info(datasets(cfg, ("val",))["val"])
+    info = data_info(cfg)
     model = build_model(cfg, info)
     model.load_state_dict(load_checkpoint(checkpoint_path)["model"])
     model.eval()

@@ -81,6 +81,15 @@ class RayShardLoader:
             yield batch
 
 
+def data_info(cfg: Any) -> Any:
+    """Classes, channels, size and normalisation of the configured data (no training data loaded)."""
+    if is_streaming(cfg):
+        from orchestrator.ray_data import imagenet_parquet_info
+
+        return imagenet_parquet_info(cfg.data.root, image_size=cfg.data.image_size or 224)
+    return dataset_info(datasets(cfg, ("val",))["val"])
+
+
 def build_run(cfg: Any, *, rank: int = 0, world: int = 1, device: torch.device | str = "cpu") -> WorkerRun:
     device = torch.device(device)
     if is_streaming(cfg):

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from imagenet_fixture import CLASSES, CORRUPT, make_imagenet  # noqa: E402
 
 from orchestrator import prepare_data as pd_mod  # noqa: E402
 from orchestrator.prepare_data import (  # noqa: E402
@@ -22,6 +17,7 @@ from orchestrator.prepare_data import (  # noqa: E402
     prepare_data_cli,
     prepare_imagenet,
 )
+from tests.orchestrator.imagenet_fixture import CLASSES, CORRUPT, make_imagenet  # noqa: E402
 
 SHARD_MB = 0.012  # ~12 KB: the ~60 KB of test images make several train shards
 

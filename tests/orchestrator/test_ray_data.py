@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import threading
 from pathlib import Path
 
@@ -13,10 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from imagenet_fixture import CLASSES, jpeg_bytes, make_imagenet  # noqa: E402
 
 from orchestrator.prepare_data import prepare_imagenet  # noqa: E402
 from orchestrator.ray_data import (  # noqa: E402
@@ -29,6 +24,7 @@ from orchestrator.ray_data import (  # noqa: E402
     read_manifest,
     row_id,
 )
+from tests.orchestrator.imagenet_fixture import CLASSES, jpeg_bytes, make_imagenet  # noqa: E402
 from trainables.data.base import DataError  # noqa: E402
 from trainables.data.imagenet import imagenet_transform  # noqa: E402
 
@@ -139,6 +135,7 @@ def ray_local():
     import ray.data
 
     # address="local": our own 2-CPU instance even if a `ray start` cluster runs on this machine
+    ray.shutdown()  # an instance left by earlier tests in this session
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
