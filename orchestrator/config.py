@@ -256,18 +256,25 @@ def _allowed_keys(parent: str) -> list[str]:
     return [f.name for f in dataclasses.fields(model)] if dataclasses.is_dataclass(model) else []
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line saying what is wrong (a ReaderError has no ``problem`` and its text spans lines)."""
+    return " ".join(str(getattr(e, "problem", None) or e).split())
+
+
 def parse_set(items: list[str] | None) -> list[tuple[str, Any]]:
     """``--set a.b=v`` pairs, values parsed as YAML."""
     out = []
     for item in items or []:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip() or any(not p for p in key.split(".")):
+        key = key.strip()
+        # Key parts are field names: no blanks or control characters (they would break the one-line errors).
+        if not sep or any(not p or not p.isprintable() or any(c.isspace() for c in p) for p in key.split(".")):
             raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({e.problem})") from None
-        out.append((key.strip(), value))
+            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({_yaml_problem(e)})") from None
+        out.append((key, value))
     return out
 
 
@@ -293,7 +300,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config {p}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(f"config {p}: malformed YAML{where}: {_yaml_problem(e)}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config {p}: not a UTF-8 text file") from None
     if data is None:
@@ -328,9 +335,12 @@ def _abs(p: str | None) -> str | None:
 
 
 def resolve_paths(cfg: Any) -> Any:
-    cfg.storage.path = _abs(cfg.storage.path)
-    cfg.data.root = _abs(cfg.data.root)
-    cfg.train.init_from = _abs(cfg.train.init_from)
+    for section, field in (("storage", "path"), ("data", "root"), ("train", "init_from")):
+        obj = getattr(cfg, section)
+        try:
+            setattr(obj, field, _abs(getattr(obj, field)))
+        except (ValueError, OSError) as e:  # e.g. an embedded NUL byte
+            raise ConfigError(f"{section}.{field}: {getattr(obj, field)!r} is not a usable path ({e})") from None
     return cfg
 
 

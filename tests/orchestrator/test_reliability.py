@@ -1,0 +1,598 @@
+"""Reliability and security under faults and bad input (issue 7), with real processes.
+
+Every fault is injected into the real thing: a real ``sprout train`` process killed with
+SIGKILL or stopped with SIGTERM, a real ``mlflow server`` stopped and restarted, a real
+simulated Ray cluster losing its only worker node, a real learning rate that explodes.
+``docs/reliability.md`` lists each test here with the fault and the observed outcome.
+
+Order matters: the tests that need no Ray come first, then those on the shared in-process
+Ray (``ray_local``), then those that shut it down to run ``sprout train`` subprocesses
+(one Ray instance at a time) and, last, the simulated cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from orchestrator import tracking
+from orchestrator.config import ConfigError, ExperimentConfig, flatten, load_config
+from tests.conftest import DIGITS, ROOT, digits_cfg
+
+PY = sys.executable
+BIN = Path(sys.executable).parent
+PER_EPOCH = ["train/loss", "train/acc", "val/clean_acc", "val/pgd_acc", "time/epoch_s", "time/samples_per_s"]
+# Slow enough epochs (seconds, not the ~0.4 s of digits) that a signal lands mid-run.
+SLOW_DATA = ["data.name=synthetic", "data.num_samples=4000", "data.image_size=16", "data.channels=3"]
+HANG_GUARD_S = 600  # only a guard against hangs, never a performance assertion
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _steps(c, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in c.get_metric_history(run_id, key))
+
+
+def _runs_with_key(c, experiment: str, key: str) -> list:
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.RUN_KEY}` = '{key}'")
+
+
+def _nonblank(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Processes still in process group ``pgid`` (the killed driver's Ray processes included)."""
+    alive = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            alive.append(int(p.name))
+    return alive
+
+
+def _reap_group(pgid: int, timeout_s: float = 60.0) -> None:
+    """Wait until the group is gone; SIGKILL what is left after ``timeout_s`` (cleanup only)."""
+    deadline = time.time() + timeout_s
+    while _group_alive(pgid) and time.time() < deadline:
+        time.sleep(0.5)
+    if _group_alive(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _train_cmd(name: str, sets: list[str]) -> list[str]:
+    return [PY, "-m", "orchestrator", "train", str(DIGITS), "--name", name, *[a for s in sets for a in ("--set", s)]]
+
+
+def _train_env(store_uri: str, debug: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store_uri, SPROUT_DEBUG_DIR=str(debug), **extra)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _wait_for_epochs(proc: subprocess.Popen, c, experiment: str, key: str, n: int, run_dir: Path) -> str:
+    """Poll MLflow until ``n`` epochs are logged and Ray has registered the checkpoint of epoch n-1."""
+    deadline = time.time() + HANG_GUARD_S
+    while True:
+        assert proc.poll() is None, f"sprout train exited ({proc.returncode}) before it could be interrupted"
+        assert time.time() < deadline, f"no {n} epoch(s) logged in time"
+        runs = _runs_with_key(c, experiment, key)
+        if runs and len(_steps(c, runs[0].info.run_id, "train/loss")) >= n and _latest_ckpt_epoch(run_dir) >= n - 1:
+            return runs[0].info.run_id
+        time.sleep(0.25)
+
+
+def _latest_ckpt_epoch(run_dir: Path) -> int:
+    """1-based epoch of the checkpoint Ray would resume from (0: none yet)."""
+    snap = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError):
+        return 0
+    return int((latest.get("metrics") or {}).get("epoch", 0))
+
+
+def _record_pid(debug: Path, epoch: int) -> int:
+    return json.loads((debug / f"worker-0-epoch-{epoch}.json").read_text())["pid"]
+
+
+def _assert_secret_never_logged(store: Path, artifacts: Path, run, secret: str) -> None:
+    """The secret env var is in no param, tag or artifact, nor anywhere in the store's files."""
+    assert all(secret not in v and "SPROUT_TEST_SECRET" not in k for k, v in run.data.params.items())
+    assert all(secret not in v for v in run.data.tags.values())
+    blobs = [p for p in store.parent.glob(store.name + "*") if p.is_file()]
+    blobs += [p for p in artifacts.rglob("*") if p.is_file()] if artifacts.exists() else []
+    assert blobs
+    for p in blobs:
+        assert secret.encode() not in p.read_bytes(), f"the secret leaked into {p}"
+
+
+# ------------------------------------------------ 6. bad input: property-based fuzzing
+
+_DEFAULTS = flatten(ExperimentConfig().to_dict())
+_FIELDS = sorted(_DEFAULTS)
+_SECTIONS = sorted({k.split(".")[0] for k in _FIELDS})
+_ident = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=10)
+_keys = st.one_of(
+    st.sampled_from(_FIELDS),
+    st.sampled_from(_SECTIONS),
+    st.builds(lambda s, k: f"{s}.{k}", st.sampled_from(_SECTIONS), _ident),
+    st.lists(_ident, min_size=1, max_size=4).map(".".join),
+    st.text(min_size=0, max_size=20),
+)
+_raw_values = st.one_of(
+    st.sampled_from(["-1", "0", "1", "1.5", "-0.1", "1e400", ".nan", ".inf", "true", "null", "~", "", "[]", "{}",
+                     "[pgd20]", "[pgd7]", "[unclosed", "{a: 1}", "abc", "'quoted'", "8/255", "cuda", "step",
+                     "!!binary aGVsbG8=", "!!set {a, b}", "2026-01-01", "0x10", "!!python/name:os.system",
+                     "&a [*a]", "*undefined", "{train: {epochs: 2}}", "\"a\\0b\"", "\"line\\nbreak\""]),
+    st.integers(min_value=-(10**30), max_value=10**30).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.text(max_size=30),
+)
+_set_items = st.one_of(st.builds(lambda k, v: f"{k}={v}", _keys, _raw_values), st.text(max_size=30))
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(10**20), max_value=10**20),
+                     st.floats(allow_nan=True), st.text(max_size=20), st.sampled_from(["pgd20", "cifar10", "step"]))
+_yaml_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.one_of(st.sampled_from(_FIELDS + _SECTIONS), _ident), inner, max_size=3)),
+    max_leaves=8,
+)
+_mapping_keys = st.one_of(st.sampled_from(_SECTIONS + ["method", "experiment"]), _ident,
+                          st.integers(min_value=-5, max_value=5), st.booleans())
+_mappings = st.dictionaries(_mapping_keys, _yaml_values, min_size=1, max_size=5)
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _names_a_field(msg: str, keys: list[str]) -> bool:
+    """The message names one of the given (dotted) keys, a dotted prefix of one, or ``--set``."""
+    if "--set" in msg:
+        return True
+    for key in keys:
+        parts = key.strip().split(".")
+        for i in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:i])
+            if prefix and (prefix in msg or repr(prefix)[1:-1] in msg):
+                return True
+    return False
+
+
+def _check_one_line(err: ConfigError) -> str:
+    msg = str(err)
+    assert msg.strip(), "empty error message"
+    assert "\n" not in msg and "\r" not in msg, f"error is not one line: {msg!r}"
+    assert "Traceback" not in msg
+    return msg
+
+
+@FUZZ
+@given(items=st.lists(_set_items, min_size=1, max_size=3))
+# regressions found by this test: a control character in a value, a newline in a key, a NUL in a path
+@example(items=["train.epochs=\x1f"])
+@example(items=["method.x\ny=1"])
+@example(items=["a\nb=[unclosed"])
+@example(items=['storage.path="a\\0b"'])
+@example(items=['data.root="a\\0b"'])
+def test_fuzzed_set_overrides_give_a_config_or_one_line_config_error(items: list[str]) -> None:
+    try:
+        cfg = load_config(DIGITS, items)
+    except ConfigError as e:  # any other exception type fails the test
+        msg = _check_one_line(e)
+        keys = [i.partition("=")[0] for i in items]
+        assert _names_a_field(msg, keys), f"{msg!r} names none of {keys!r}"
+    else:
+        assert isinstance(cfg, ExperimentConfig)
+
+
+@FUZZ
+@given(mapping=_mappings)
+@example(mapping={"storage": {"path": "a\x00b"}})
+def test_fuzzed_yaml_mappings_give_a_config_or_one_line_config_error(mapping: dict, tmp_path_factory) -> None:
+    path = tmp_path_factory.mktemp("fuzz") / "c.yaml"
+    path.write_text(yaml.safe_dump(mapping, allow_unicode=True))
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        msg = _check_one_line(e)
+        keys = [k for k in flatten({str(k): v for k, v in mapping.items()})] + [str(k) for k in mapping]
+        assert _names_a_field(msg, keys) or str(path) in msg, f"{msg!r} names none of {keys!r}"
+    else:
+        assert isinstance(cfg, ExperimentConfig)
+
+
+@FUZZ
+@given(text=st.one_of(st.text(max_size=200), st.binary(max_size=200)))
+@example(text="\x1f")
+def test_fuzzed_config_files_give_a_config_or_one_line_config_error(text, tmp_path_factory) -> None:
+    path = tmp_path_factory.mktemp("fuzzfile") / "c.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+    try:
+        load_config(path)
+    except ConfigError as e:
+        _check_one_line(e)
+
+
+def test_unsafe_yaml_tags_are_refused_and_never_executed(tmp_path, monkeypatch, capsys) -> None:
+    from orchestrator.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "evil.yaml"
+    bad.write_text('experiment: !!python/object/apply:os.system ["touch pwned"]\nmethod: natural\n')
+    with pytest.raises(ConfigError, match="malformed YAML|could not determine a constructor"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="--set experiment"):
+        load_config(DIGITS, ['experiment=!!python/object/apply:os.system ["touch pwned"]'])
+    assert main(["validate", str(bad)]) == 2
+    assert len(_nonblank(capsys.readouterr().err)) == 1
+    assert not (tmp_path / "pwned").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.yaml"]
+
+
+# --------------------------------------------------------------- 7. security defaults
+
+
+def test_make_ui_binds_loopback_only() -> None:
+    text = (ROOT / "Makefile").read_text()
+    recipe = text.split("\nui:", 1)[1].split("\n\n", 1)[0]
+    assert "mlflow ui" in recipe or "mlflow server" in recipe
+    assert "--host 127.0.0.1" in recipe
+    assert "0.0.0.0" not in text
+
+
+# ---------------------------------------------------------------- 5. MLflow unavailable
+
+
+def test_mlflow_down_at_start_is_one_clear_line_before_anything_starts(tmp_path) -> None:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_free_port()}")
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([PY, "-m", "orchestrator", "train", str(DIGITS)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr[-2000:]
+    lines = _nonblank(out.stderr)
+    assert len(lines) == 1 and "not reachable" in lines[0] and "MLFLOW_TRACKING_URI" in lines[0], lines
+    assert "Ray" not in out.stderr and "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []  # no ray_results, no mlflow.db, nothing
+
+
+class _MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 over one SQLite store, stopped and restarted at will."""
+
+    def __init__(self, root: Path, port: int) -> None:
+        self.root, self.port = root, port
+        self.store = root / "m.db"
+        self.uri = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = (self.root / "server.log").open("a")
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.store}",
+             "--default-artifact-root", str(self.root / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            cwd=self.root, stdout=log, stderr=log, start_new_session=True,
+        )
+        deadline = time.time() + 240
+        while True:
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
+            assert time.time() < deadline, "mlflow server never answered /health"
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=60)
+        except ProcessLookupError:
+            pass
+        _reap_group(self.proc.pid, 30)
+        self.proc = None
+        with pytest.raises(OSError):  # really down
+            urllib.request.urlopen(self.uri + "/health", timeout=2)
+
+
+@pytest.mark.slow
+def test_mlflow_down_mid_run_buffers_then_delivers_exactly_once_or_falls_back_to_replay(
+        tmp_path, monkeypatch) -> None:
+    from orchestrator.tracking import MetricLogger
+
+    # One attempt per call instead of MLflow's 7 retries with back-off (minutes per call):
+    # the logger's own buffering is what is under test.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    server = _MlflowServer(tmp_path, _free_port())
+    values = {s: {"train/loss": 1.0 / s, "val/clean_acc": 0.1 * s} for s in range(1, 6)}
+    try:
+        server.start()
+        c = tracking.client(server.uri)
+        run_id = c.create_run(c.create_experiment("reliability-outage")).info.run_id
+        fallback = tmp_path / "rr" / "run" / "mlflow_pending.jsonl"
+        logger = MetricLogger(server.uri, run_id, fallback=fallback)
+        logger.log(values[1], step=1)
+        assert not logger.pending
+
+        server.stop()  # the tracking server goes away mid-run
+        logger.log(values[2], step=2)
+        logger.log(values[3], step=3)
+        assert len(logger.pending) == 4  # buffered, no exception
+
+        server.start()  # it comes back: the next epoch's log delivers the backlog
+        logger.log(values[4], step=4)
+        assert not logger.pending
+        for key in values[1]:
+            hist = c.get_metric_history(run_id, key)
+            assert sorted(m.step for m in hist) == [1, 2, 3, 4], key
+            assert {m.step: m.value for m in hist} == {s: values[s][key] for s in range(1, 5)}
+        # a restarted worker (new logger) replaying epoch 4 does not log it twice
+        MetricLogger(server.uri, run_id).log(values[4], step=4)
+        assert _steps(c, run_id, "train/loss") == [1, 2, 3, 4]
+
+        server.stop()  # down again when the run ends: the rest goes to the fallback file
+        logger.log(values[5], step=5)
+        logger.close(retries=1, wait_s=0.1)
+        assert not logger.pending
+        rows = [json.loads(line) for line in fallback.read_text().splitlines()]
+        assert {(r["key"], r["step"]) for r in rows} == {(k, 5) for k in values[5]}
+
+        server.start()
+        env = dict(os.environ, MLFLOW_TRACKING_URI=server.uri)
+        out = subprocess.run([PY, "-m", "orchestrator", "replay-metrics", str(fallback)], env=env,
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "delivered 2 metric values" in out.stdout
+        assert not fallback.exists()
+        for key in values[1]:
+            hist = c.get_metric_history(run_id, key)
+            assert sorted(m.step for m in hist) == [1, 2, 3, 4, 5], key
+            assert {m.step: m.value for m in hist} == {s: values[s][key] for s in range(1, 6)}
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------ on the shared in-process Ray
+
+
+@pytest.mark.ray
+def test_local_ray_dashboard_is_loopback_and_token_auth_is_enforced(ray_local) -> None:
+    import ray._private.worker as ray_worker
+
+    dash = ray_worker.get_dashboard_url()
+    assert dash.rsplit(":", 1)[0] == "127.0.0.1", dash
+    ray_cli = str(BIN / "ray")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    denied = subprocess.run([ray_cli, "job", "list", f"--address=http://{dash}"], env={**env, "RAY_AUTH_MODE": "disabled"},
+                            capture_output=True, text=True, timeout=120)
+    assert denied.returncode != 0
+    assert "token" in (denied.stdout + denied.stderr).lower()
+    allowed = subprocess.run([ray_cli, "job", "list", f"--address=http://{dash}"], env={**env, "RAY_AUTH_MODE": "token"},
+                             capture_output=True, text=True, timeout=120)
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_nan_loss_fails_the_run_naming_epoch_step_and_method_and_keeps_the_good_checkpoint(
+        ray_local, tmp_path, session_dir) -> None:
+    """LR ×1e30 after one good epoch: the loss overflows in epoch 2; no Ray retry."""
+    from orchestrator.runner import run_training
+    from trainables.checkpoint import load_checkpoint
+
+    cfg = digits_cfg(tmp_path, "experiment=test-reliability", "method=natural", "train.epochs=2",
+                     "train.schedule=step", "train.milestones=[0.5]", "train.gamma=1e30", "train.val_pgd_steps=0")
+    name = f"nan-{uuid.uuid4().hex[:6]}"
+    with pytest.raises(RuntimeError) as e:
+        run_training(cfg, name)
+    msg = str(e.value)
+    assert "non-finite loss at epoch 2, step " in msg and "(method natural)" in msg, msg
+    step = int(msg.split("non-finite loss at epoch 2, step ")[1].split()[0])
+    assert step >= 1
+
+    c = tracking.client()
+    runs = _runs_with_key(c, cfg.experiment, name)
+    assert len(runs) == 1
+    run = c.get_run(runs[0].info.run_id)
+    assert run.info.status == "FAILED"
+    assert "non-finite loss at epoch 2" in run.data.tags[tracking.ERROR_TAG]
+    assert _steps(c, run.info.run_id, "train/loss") == [1]  # epoch 2 was never logged
+
+    ckpts = sorted((Path(cfg.storage.path) / name).glob("checkpoint_*"))
+    assert len(ckpts) == 1, ckpts
+    state = load_checkpoint(ckpts[0])
+    assert state["epoch"] == 0  # the epoch-1 checkpoint, intact and loadable
+    import torch
+
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+    debug = session_dir / "debug" / name
+    assert _record_pid(debug, 0) == _record_pid(debug, 1), "Ray restarted the worker: a NaN was retried"
+
+
+# ---------------------------------------------------------- real `sprout train` processes
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_driver_sigkilled_then_rerun_finishes_from_its_last_checkpoint(tmp_path) -> None:
+    """SIGKILL the whole ``sprout train`` process group after 2 epochs; the same command resumes."""
+    import ray
+
+    ray.shutdown()  # one Ray instance at a time: the subprocess starts its own
+    epochs, name, exp = 4, "driver-kill", "test-reliability-proc"
+    store = tmp_path / "mlflow.db"
+    debug = tmp_path / "debug"
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    env = _train_env(f"sqlite:///{store}", debug, SPROUT_TEST_SECRET=secret)
+    cmd = _train_cmd(name, [f"storage.path={tmp_path / 'rr'}", f"experiment={exp}", f"train.epochs={epochs}",
+                            "eval.attacks=[]", "train.val_pgd_steps=2", "train.checkpoint_keep=10", *SLOW_DATA])
+    c = tracking.client(f"sqlite:///{store}")
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        run_id = _wait_for_epochs(proc, c, exp, name, 2, tmp_path / "rr" / name)
+        first_pid = _record_pid(debug, 0)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        _reap_group(proc.pid)
+    before = _steps(c, run_id, "train/loss")
+    resume_from = _latest_ckpt_epoch(tmp_path / "rr" / name)
+    assert 2 <= len(before) < epochs and before == list(range(1, len(before) + 1)), before
+    assert c.get_run(run_id).info.status == "RUNNING"  # a SIGKILL leaves no chance to mark it
+
+    rerun = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "(resumed)" in rerun.stdout
+    runs = _runs_with_key(c, exp, name)
+    assert len(runs) == 1 and runs[0].info.run_id == run_id
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in PER_EPOCH:
+        assert _steps(c, run_id, key) == list(range(1, epochs + 1)), key  # none lost, none twice
+    # epochs before the last checkpoint were not trained again; the later ones ran in the re-run
+    for e in range(resume_from):
+        assert _record_pid(debug, e) == first_pid, f"epoch {e + 1} was trained again"
+    assert all(_record_pid(debug, e) != first_pid for e in range(resume_from, epochs))
+    _assert_secret_never_logged(store, tmp_path / "mlartifacts", run, secret)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigterm_stops_sprout_train_marks_killed_exits_130_and_rerun_resumes(tmp_path) -> None:
+    import ray
+
+    ray.shutdown()
+    epochs, name, exp = 3, "sigterm", "test-reliability-proc"
+    store = tmp_path / "mlflow.db"
+    debug = tmp_path / "debug"
+    env = _train_env(f"sqlite:///{store}", debug)
+    cmd = _train_cmd(name, [f"storage.path={tmp_path / 'rr'}", f"experiment={exp}", f"train.epochs={epochs}",
+                            "eval.attacks=[]", "train.val_pgd_steps=2", "train.checkpoint_keep=10", *SLOW_DATA])
+    c = tracking.client(f"sqlite:///{store}")
+    err_path = tmp_path / "first.err"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        try:
+            run_id = _wait_for_epochs(proc, c, exp, name, 1, tmp_path / "rr" / name)
+            first_pid = _record_pid(debug, 0)
+            os.kill(proc.pid, signal.SIGTERM)  # what `kill PID`, preemption or Kubernetes sends
+            code = proc.wait(timeout=HANG_GUARD_S)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+            _reap_group(proc.pid)
+    assert code == 130, err_path.read_text()[-3000:]
+    assert "re-run the same command to resume" in err_path.read_text()
+    assert c.get_run(run_id).info.status == "KILLED"
+    before = _steps(c, run_id, "train/loss")
+    resume_from = _latest_ckpt_epoch(tmp_path / "rr" / name)
+    assert 1 <= resume_from and len(before) < epochs, before
+
+    rerun = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "(resumed)" in rerun.stdout
+    runs = _runs_with_key(c, exp, name)
+    assert len(runs) == 1 and runs[0].info.run_id == run_id
+    assert c.get_run(run_id).info.status == "FINISHED"
+    for key in PER_EPOCH:
+        assert _steps(c, run_id, key) == list(range(1, epochs + 1)), key
+    for e in range(resume_from):
+        assert _record_pid(debug, e) == first_pid, f"epoch {e + 1} was trained again"
+
+
+# ------------------------------------------------- simulated cluster (shuts Ray down)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_lost_node_without_replacement_fails_clearly_after_the_configured_wait(
+        tmp_path, mlflow_uri, session_dir) -> None:
+    """The only worker node dies and none joins: a clear failure, not Ray's endless retry."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from orchestrator.runner import run_training
+
+    ray.shutdown()
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
+    os.environ["SPROUT_DEBUG_DIR"] = str(session_dir / "debug")
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0,
+        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+                           "health_check_failure_threshold": 4},
+    })
+    worker = cluster.add_node(num_cpus=1)
+    name = f"node-gone-{uuid.uuid4().hex[:6]}"
+    try:
+        ray.init(address=cluster.address)
+        cfg = digits_cfg(tmp_path, "experiment=test-reliability", "train.epochs=8", "train.max_failures=3",
+                         "scaling.worker_start_timeout_s=5", "scaling.worker_start_retries=0", *SLOW_DATA)
+        box: dict = {}
+
+        def target() -> None:
+            try:
+                box["out"] = run_training(cfg, name)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                box["error"] = e
+
+        th = threading.Thread(target=target, daemon=True)
+        th.start()
+        debug = session_dir / "debug" / name
+        deadline = time.time() + HANG_GUARD_S
+        while not (debug / "worker-0-epoch-1.json").exists():
+            assert th.is_alive() and time.time() < deadline, f"training never reached epoch 2: {box}"
+            time.sleep(0.2)
+        cluster.remove_node(worker, allow_graceful=False)  # and no node ever replaces it
+        th.join(timeout=HANG_GUARD_S)
+        assert not th.is_alive(), "the run waited for workers forever"
+        err = box.get("error")
+        assert isinstance(err, RuntimeError), box
+        msg = str(err)
+        assert "1 worker(s)" in msg and "CPU: 0.5" in msg, msg  # what was requested
+        assert "available now" in msg and "5 s" in msg, msg  # what there is, after the configured wait
+        c = tracking.client()
+        runs = _runs_with_key(c, cfg.experiment, name)
+        assert len(runs) == 1 and c.get_run(runs[0].info.run_id).info.status == "FAILED"
+        assert c.get_run(runs[0].info.run_id).data.tags.get(tracking.ERROR_TAG)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
