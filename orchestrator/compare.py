@@ -146,6 +146,7 @@ def run_compare(cfg: Any, methods: list[str], *, name: str, sprout_init: str = "
             log_evaluation(children[m].info.run_id, results[m], cfg=cfgs[m], state=states[m])
         rows = comparison_rows(c, {m: children[m].info.run_id for m in methods}, results)
         _log_report(c, parent, rows)
+        _log_model_figures(c, parent, cfgs, states)
     except BaseException:
         c.set_terminated(parent, status="FAILED")
         raise
@@ -249,6 +250,30 @@ def _log_report(c: Any, parent: str, rows: list[dict[str, Any]]) -> None:
     c.log_figure(parent, fig, "plots/radar.png")
     if rk:
         c.log_figure(parent, pareto_plot(rows, rk), "plots/robustness_vs_cost.png")
+
+
+def _log_model_figures(c: Any, parent: str, cfgs: dict[str, Any], states: dict[str, Any], n: int = 64) -> None:
+    """Loss landscapes (paper Fig. 2) and pairwise input-gradient cosine similarity (Table 11)."""
+    import torch
+
+    from orchestrator.evaluate import load_model
+    from orchestrator.worker import datasets
+    from trainables import figures
+    from trainables.evaluation import example_indices
+
+    first = next(iter(cfgs.values()))
+    test = datasets(first, ("test",))["test"]
+    idx = example_indices(len(test), n, first.train.seed)
+    x = torch.stack([test[int(i)][0] for i in idx])
+    y = torch.tensor([test[int(i)][1] for i in idx])
+    models = {m: load_model(cfgs[m], states[m]["model"]) for m in cfgs}
+    names, sim = figures.input_gradient_cosine(models, x, y)
+    c.log_figure(parent, figures.plot_gradient_similarity(names, sim), "plots/input_gradient_cosine.png")
+    radius = 2 * first.eval.eps
+    grids = {m: figures.loss_landscape_grid(model, x, y, radius=radius, n=11, seed=first.train.seed)
+             for m, model in models.items()}
+    c.log_figure(parent, figures.plot_loss_landscape(grids, title=f"Loss landscape (radius {radius:g})"),
+                 "plots/loss_landscape.png")
 
 
 def pareto_plot(rows: list[dict[str, Any]], robust: str) -> Any:

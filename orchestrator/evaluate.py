@@ -19,7 +19,8 @@ from orchestrator import tracking
 SHARD_CPUS = 0.5
 
 
-def eval_config(cfg: Any, attacks: list[str] | None = None, n_examples: int | None = None) -> Any:
+def eval_config(cfg: Any, attacks: list[str] | None = None, n_examples: int | None = None,
+                progress: bool = False) -> Any:
     from trainables.evaluation import EvalConfig
 
     e = cfg.eval
@@ -34,6 +35,7 @@ def eval_config(cfg: Any, attacks: list[str] | None = None, n_examples: int | No
         n_examples=n_examples or e.n_examples,
         seed=cfg.train.seed,
         batch_size=e.batch_size,
+        progress=progress,
     )
 
 
@@ -46,7 +48,8 @@ def load_model(cfg: Any, state: dict[str, Any]) -> torch.nn.Module:
 
 
 def _eval_shard(cfg_dict: dict, state: dict, source_state: dict | None, source_cfg: dict | None,
-                attacks: list[str], n_examples: int | None, shard: int, num_shards: int) -> dict:
+                attacks: list[str], n_examples: int | None, shard: int, num_shards: int,
+                progress: bool = False) -> dict:
     from orchestrator.config import from_dict
     from orchestrator.worker import datasets
     from trainables.evaluation import run_suite
@@ -56,7 +59,7 @@ def _eval_shard(cfg_dict: dict, state: dict, source_state: dict | None, source_c
     model = load_model(cfg, state)
     source = load_model(from_dict(source_cfg), source_state) if source_state is not None else None
     test = datasets(cfg, ("test",))["test"]
-    res = run_suite(model, test, attacks, eval_config(cfg, attacks, n_examples), source_model=source,
+    res = run_suite(model, test, attacks, eval_config(cfg, attacks, n_examples, progress), source_model=source,
                     shard=shard, num_shards=num_shards, device="cpu" if not torch.cuda.is_available() else None)
     return res.to_dict()
 
@@ -73,7 +76,9 @@ def evaluate_states(cfg: Any, state: dict, *, attacks: list[str], n_examples: in
     src_cfg = source[0].to_dict() if source else None
     args = (cfg.to_dict(), state, src_state, src_cfg, attacks, n_examples)
     if shards == 1:
-        return EvalResult.from_dict(_eval_shard(*args, 0, 1))
+        import sys
+
+        return EvalResult.from_dict(_eval_shard(*args, 0, 1, progress=sys.stderr.isatty()))
     import ray
 
     from orchestrator.session import ensure_ray

@@ -76,7 +76,8 @@ def test_comparison_report_has_every_column_and_measured_ratios(comparison) -> N
     md = Path(c.download_artifacts(out["parent_run_id"], "report/comparison.md", str(tmp))).read_text()
     assert "| sprout |" in md and "test/pgd20_acc" in md
     plots = {a.path for a in c.list_artifacts(out["parent_run_id"], "plots")}
-    assert {"plots/radar.png", "plots/robustness_vs_cost.png"} <= plots
+    assert {"plots/radar.png", "plots/robustness_vs_cost.png", "plots/input_gradient_cosine.png",
+            "plots/loss_landscape.png"} <= plots
 
 
 @pytest.mark.ray

@@ -433,7 +433,7 @@ def test_nan_loss_fails_the_run_naming_epoch_step_and_method_and_keeps_the_good_
     assert "non-finite loss at epoch 2" in run.data.tags[tracking.ERROR_TAG]
     assert _steps(c, run.info.run_id, "train/loss") == [1]  # epoch 2 was never logged
 
-    ckpts = sorted((Path(cfg.storage.path) / name).glob("checkpoint_*"))
+    ckpts = sorted(d for d in (Path(cfg.storage.path) / name).glob("checkpoint_*") if d.is_dir())
     assert len(ckpts) == 1, ckpts
     state = load_checkpoint(ckpts[0])
     assert state["epoch"] == 0  # the epoch-1 checkpoint, intact and loadable

@@ -129,3 +129,29 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_weights(two_worker
     a, b = _final_state(reference.checkpoint_path), _final_state(out.checkpoint_path)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+def test_sprout_eval_run_id_logs_test_metrics_to_the_training_run(two_worker_run, capsys) -> None:
+    from orchestrator.cli import main
+
+    _, out, _ = two_worker_run
+    code = main(["eval", "--run-id", out.run_id, "--attacks", "pgd20,invariance", "--n-examples", "60"])
+    assert code == 0
+    m = tracking.client().get_run(out.run_id).data.metrics
+    for k in ("test/clean_acc", "test/pgd20_acc", "test/rotation_acc", "test/gray_acc"):
+        assert 0.0 <= m[k] <= 1.0, k
+    assert m["test/pgd20_acc"] <= m["test/clean_acc"]
+    assert "pgd20" in capsys.readouterr().out
+
+
+def test_evaluation_sharded_over_two_ray_tasks_equals_one_process(two_worker_run) -> None:
+    from orchestrator.evaluate import evaluate_states
+    from trainables.checkpoint import load_checkpoint
+
+    cfg, out, _ = two_worker_run
+    state = load_checkpoint(out.best_checkpoint_path)["model"]
+    attacks = ["pgd20", "cw_linf", "invariance"]
+    one = evaluate_states(cfg, state, attacks=attacks, n_examples=90, num_shards=1)
+    two = evaluate_states(cfg, state, attacks=attacks, n_examples=90, num_shards=2)
+    assert two.counts == one.counts and two.complete
+    assert one.counts["test/clean_acc"][1] == 90
