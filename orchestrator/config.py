@@ -97,6 +97,9 @@ class TrainConfig(_Strict):
     milestones: tuple[float, ...] = (0.5, 0.75)
     gamma: float = Field(default=0.1, gt=0)
     warmup_epochs: int = Field(default=0, ge=0)
+    # Linear scaling (Goyal et al. 2017): train.lr is for this global batch and is scaled by
+    # (batch_size × workers × grad_accum) / lr_reference_batch; null keeps train.lr as given.
+    lr_reference_batch: int | None = Field(default=None, ge=1)
     seed: int = Field(default=0, ge=0)
     init_from: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -33,10 +33,17 @@ class WorkerRun:
     num_classes: int
 
 
-def optim_config(cfg: Any) -> OptimConfig:
+def scaled_lr(cfg: Any, world: int) -> float:
+    t = cfg.train
+    if t.lr_reference_batch is None:
+        return t.lr
+    return t.lr * cfg.data.batch_size * world * t.grad_accum / t.lr_reference_batch
+
+
+def optim_config(cfg: Any, world: int = 1) -> OptimConfig:
     t = cfg.train
     return OptimConfig(
-        lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov, schedule=t.schedule,
+        lr=scaled_lr(cfg, world), momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov, schedule=t.schedule,
         milestones=tuple(t.milestones), gamma=t.gamma, warmup_epochs=t.warmup_epochs,
     )
 
@@ -110,14 +117,14 @@ def build_run(cfg: Any, *, rank: int = 0, world: int = 1, device: torch.device |
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     method = build_method(
-        cfg.method, _params_dict(cfg), num_classes=info.num_classes, lr=cfg.train.lr, seed=cfg.train.seed
+        cfg.method, _params_dict(cfg), num_classes=info.num_classes, lr=scaled_lr(cfg, world), seed=cfg.train.seed
     ).to(device)
-    optimizer = build_optimizer(model, optim_config(cfg))
+    optimizer = build_optimizer(model, optim_config(cfg, world))
     epochs = max(1, math.ceil(cfg.train.epochs / method.epoch_divisor))
     if ds is None:
         train_loader: Any = RayShardLoader("train", cfg.data.batch_size, device, cfg.train.channels_last, True)
         val_loader: Any = RayShardLoader("val", cfg.data.eval_batch_size, device, cfg.train.channels_last, False)
-        return WorkerRun(model, method, optimizer, optim_config(cfg), epochs, train_loader, val_loader,
+        return WorkerRun(model, method, optimizer, optim_config(cfg, world), epochs, train_loader, val_loader,
                          info.num_classes)
     pin = device.type == "cuda"
     train_loader = make_loader(
@@ -128,7 +135,7 @@ def build_run(cfg: Any, *, rank: int = 0, world: int = 1, device: torch.device |
         ds["val"], cfg.data.eval_batch_size, seed=cfg.train.seed, shuffle=False, rank=rank, world_size=world,
         num_workers=cfg.data.loader_workers, pin_memory=pin,
     ) if len(ds["val"]) else None
-    return WorkerRun(model, method, optimizer, optim_config(cfg), epochs, train_loader, val_loader, info.num_classes)
+    return WorkerRun(model, method, optimizer, optim_config(cfg, world), epochs, train_loader, val_loader, info.num_classes)
 
 
 def _params_dict(cfg: Any) -> dict[str, Any]:

@@ -148,3 +148,13 @@ def test_validate_prints_resolved_config_and_plan(tmp_path, monkeypatch, capsys)
 def test_config_error_type() -> None:
     with pytest.raises(ConfigError, match="unknown key 'sprout.nope'"):
         load_config(DIGITS, ["sprout.nope=1"])
+
+
+def test_linear_lr_scaling_by_global_batch() -> None:
+    from orchestrator.worker import optim_config, scaled_lr
+
+    cfg = load_config(DIGITS, ["train.lr=0.1", "train.lr_reference_batch=256", "data.batch_size=128",
+                               "train.grad_accum=2"])
+    assert scaled_lr(cfg, world=4) == pytest.approx(0.1 * 128 * 4 * 2 / 256)
+    assert optim_config(cfg, 4).lr == pytest.approx(0.4)
+    assert scaled_lr(load_config(DIGITS, ["train.lr=0.1"]), world=8) == 0.1
