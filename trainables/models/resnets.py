@@ -23,21 +23,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class _WideBlock(nn.Module):
+class _PreActBlock(nn.Module):
+    """Pre-activation residual block (He et al. 2016), shared by WRN and PreAct-ResNet-18."""
+
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.shortcut = None if cin == cout and stride == 1 else nn.Conv2d(cin, cout, 1, stride, bias=False)
+        self.shortcut = None if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         o = F.relu(self.bn1(x))
         short = x if self.shortcut is None else self.shortcut(o)
         o = self.conv1(o)
-        o = self.conv2(F.relu(self.bn2(o)))
-        return o + short
+        return self.conv2(F.relu(self.bn2(o))) + short
 
 
 class WideResNet(nn.Module):
@@ -54,7 +55,7 @@ class WideResNet(nn.Module):
         cin = widths[0]
         for i, w in enumerate(widths[1:]):
             for j in range(n):
-                blocks.append(_WideBlock(cin, w, (1 if i == 0 else 2) if j == 0 else 1))
+                blocks.append(_PreActBlock(cin, w, (1 if i == 0 else 2) if j == 0 else 1))
                 cin = w
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(cin)
@@ -76,22 +77,6 @@ def wrn(
     **_: object,
 ) -> nn.Module:
     return Normalized(WideResNet(depth, widen, num_classes, in_channels), mean, std)
-
-
-class _PreActBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.shortcut = None if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        o = F.relu(self.bn1(x))
-        short = x if self.shortcut is None else self.shortcut(o)
-        o = self.conv1(o)
-        return self.conv2(F.relu(self.bn2(o))) + short
 
 
 @MODELS.register("preact_resnet18")
