@@ -212,13 +212,12 @@ def _proc_cpu(root: int, tick: int, names: dict[int, str]) -> dict[int, float]:
                 mine[pid] = cpu[pid]
                 break
             p, hops = parent.get(p, 0), hops + 1
-    for pid in mine:
-        if pid not in names:
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    names[pid] = _proc_name([a.decode(errors="replace") for a in f.read().split(b"\0") if a])
-            except OSError:
-                names[pid] = "?"
+    for pid in mine:  # re-read: a worker's title changes (setproctitle) once it becomes an actor
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                names[pid] = _proc_name([a.decode(errors="replace") for a in f.read().split(b"\0") if a])
+        except OSError:
+            names[pid] = "?"
     return mine
 
 

@@ -98,7 +98,14 @@ def fit_trainer(cfg: Any, name: str, run_id: str, *, in_tune: bool = False) -> A
             cfg.data.root, seed=cfg.train.seed, val_fraction=cfg.data.val_fraction,
             image_size=cfg.data.image_size or 224, split_names=("train", "val"),
         )
-    trainer = TorchTrainer(
+    class _Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller: Any) -> None:
+            # Ray Train's own Ctrl-C handler aborts the controller, then calls sys.exit: the run
+            # went on for seconds, ended FAILED with exit 1 and no message. Keep Python's
+            # KeyboardInterrupt instead: Ctrl-C stops like SIGTERM (run KILLED, exit 130, resumable).
+            pass
+
+    trainer = _Trainer(
         train_loop_per_worker,
         datasets=datasets,
         train_loop_config={
@@ -135,14 +142,16 @@ def fit_trainer(cfg: Any, name: str, run_id: str, *, in_tune: bool = False) -> A
 def _short(error: BaseException, cfg: Any) -> str:
     """Ray's error, plus what was asked and what the cluster has when workers never started."""
     text = str(error)
-    if "WorkerGroupStartupTimeout" in text or "WorkerGroupStartupTimeout" in type(error).__name__:
+    # Ray 2.60 raises a ControllerError whose ``controller_failure`` is the startup timeout.
+    names = {type(error).__name__, type(getattr(error, "controller_failure", None)).__name__}
+    if "WorkerGroupStartupTimeout" in text or "WorkerGroupStartupTimeoutError" in names:
         import ray
 
         s = cfg.scaling
         want = f"{s.num_workers} worker(s) × {{CPU: {s.cpus_per_worker:g}" + (
             f", GPU: {s.gpus_per_worker:g}}}" if s.use_gpu else "}")
-        have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
-        total = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        have = {k: float(ray.available_resources().get(k, 0.0)) for k in ("CPU", "GPU")}
+        total = {k: float(ray.cluster_resources().get(k, 0.0)) for k in ("CPU", "GPU")}
         return (f"the cluster could not start {want} within {s.worker_start_timeout_s:g} s "
                 f"× {s.worker_start_retries + 1} attempt(s); available now: {have}, cluster total: {total}")
     return text.strip().splitlines()[-1] if text.strip() else type(error).__name__
@@ -215,6 +224,10 @@ def run_training(
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         c.set_terminated(run_id, status=status)
         c.set_tag(run_id, tracking.ERROR_TAG, f"{type(e).__name__}: {e}"[:5000])
+        from ray.train import TrainingFailedError
+
+        if isinstance(e, TrainingFailedError):  # Ray 2.60 raises these from fit() (not Result.error)
+            raise RuntimeError(f"training run {name!r} failed: {_short(e, cfg)}") from e
         raise
     elapsed = time.perf_counter() - t0
     if result.error is not None:

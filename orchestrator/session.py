@@ -91,6 +91,21 @@ def ensure_ray() -> None:
     forwarded = {k: v for k, v in defaults.items() if k not in os.environ}
     os.environ.update(forwarded)
     env = {"env_vars": forwarded} if forwarded else None
+    # ray.init replaces the SIGTERM handler (and its C++ core adds one that aborts the
+    # process): keep ours, so `sprout train` stops on SIGTERM as on Ctrl-C (exit 130, run KILLED).
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
+    _init_ray(env)
+    if callable(sigterm):
+        signal.signal(signal.SIGTERM, sigterm)
+
+
+def _init_ray(env: dict[str, Any] | None) -> None:
+    import ray
+
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, runtime_env=env)
     else:
