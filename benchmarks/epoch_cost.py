@@ -23,11 +23,11 @@ kernel, and there is no optimizer step, so it costs a fraction *a* of a training
 (forward + input gradients + weight gradients + update). Hence
 PGD-AT / natural ≈ 1 + k·a, and with SPROUT ≈ natural, PGD-AT / SPROUT ≈ 1 + k·a. The
 script prints the *a* implied by the measured PGD-AT and FGSM-RS epochs. Reaching 7 with
-k = 7 would need a ≥ 0.86; measured a is ~0.6 on CPU. The paper's ~5 is PGD-AT / SPROUT with
+k = 7 would need a ≥ 0.86; measured a is 0.55–0.68 on CPU. The paper's ~5 is PGD-AT / SPROUT with
 SPROUT at 1.85× natural (an extra backward pass we do not need); its PGD-AT is ~9× natural.
 
-    python benchmarks/epoch_cost.py                                  # digits small_cnn and VGG-16 32×32
-    python benchmarks/epoch_cost.py --workloads digits --rounds 10 --json epoch_cost.json
+    python benchmarks/epoch_cost.py --workloads digits --rounds 8 --json epoch_cost_digits.json
+    python benchmarks/epoch_cost.py --workloads vgg16 --rounds 3 --json epoch_cost_vgg16.json
 """
 
 from __future__ import annotations

@@ -16,21 +16,28 @@ runs each epoch with the same ``step_options``, the same per-epoch learning rate
   ``train_epoch``.
 
 The first epoch of every run is warm-up and is excluded; the figure is the median over the
-remaining epochs of all runs. Bare and Ray runs alternate (rotated order per round) so load
-drift on a shared machine hits both alike; the "paired" ratio is the median over rounds of
-each round's Ray median / bare median. Process and thread CPU seconds of ``train_epoch`` are
+remaining epochs of all runs. Runs alternate bare, Ray, bare, Ray, ..., bare, so load drift on
+a shared machine hits both alike; the "paired" ratio is the median over Ray runs of each Ray
+run's median / the median of the two bare runs around it. Process and thread CPU seconds of ``train_epoch`` are
 recorded too (in the Ray worker through a thin wrapper around ``trainables.loop.train_epoch``
 installed before ``train_loop_per_worker`` runs; it adds three clock reads per epoch,
 ``--no-cpu-probe`` turns it off). Thread CPU is the training thread's own work (1 torch
 thread: all compute runs on it); process CPU adds every other thread of the process (Ray's
 core-worker threads in the worker, the driver's in the bare process).
 
+Ray starts its worker processes at nice 15 (``RAY_worker_niceness``, Ray's default), the bare
+loop runs at this process's niceness (normally 0): under contention from other nice-0 work the
+Ray worker gets a far smaller CPU share. ``--worker-niceness 0`` sets ``RAY_worker_niceness``
+for the local Ray started here; the table shows both processes' niceness. A separate sampler
+process reads /proc to report how much CPU this Ray session's other processes (raylet, GCS,
+dashboard, Train controller, helper actors, driver) use during the timed epochs.
+
 The whole-run wall time (``run_training``: MLflow run, trainer and worker start-up, epochs,
 per-epoch validation and checkpoint, shutdown) and ``ray.init`` are reported separately: a
 fixed start-up cost, not the target.
 
-    python benchmarks/ray_overhead.py                       # digits small_cnn and VGG-16 32×32
-    python benchmarks/ray_overhead.py --workloads digits --rounds 3 --epochs 6 --json ray_overhead.json
+    python benchmarks/ray_overhead.py --rounds 2 --json ray_overhead.json     # digits small_cnn and VGG-16 32×32
+    python benchmarks/ray_overhead.py --rounds 2 --worker-niceness 0 --json ray_overhead_nice0.json
 """
 
 from __future__ import annotations
@@ -417,6 +424,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if sampler is not None:
             sampler.__exit__()
         ray.shutdown()
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)  # checkpoints of VGG-16 runs are ~60 MB each
     from benchmarks.step_cost import cpu_name
 
     return {
@@ -426,7 +437,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "ray_init_s": ray_init_s,
         "load_at_start": list(load_start),
         "rounds": args.rounds,
-        "store": str(tmp),
+        "store": str(tmp) if args.keep else None,
         "command": "python " + " ".join(sys.argv),
         "workloads": results,
     }

@@ -95,6 +95,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     logger = None
     if rank == 0 and config.get("mlflow_run_id"):
+        # MLflow's default HTTP retries block ~4 min per call when the server is down; the
+        # logger buffers instead, so fail fast here and keep training (docs/reliability.md).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         logger = MetricLogger(config["mlflow_uri"], config["mlflow_run_id"], fallback=config.get("mlflow_fallback"))
 
     for epoch in range(start, run.epochs):

@@ -1,8 +1,9 @@
 """Ray session and resource planning (SPEC §4 environment, ENVIRONMENT.md's 2-core deadlock).
 
-``RAY_ADDRESS`` set: connect to that cluster. Unset: start a local Ray in process, bound
-to 127.0.0.1, dashboard off. ``resource_plan`` refuses, before anything starts, a plan the
-cluster cannot schedule (Ray would otherwise wait silently forever).
+``RAY_ADDRESS`` set: connect to that cluster. Unset: start a local Ray in process with its
+dashboard on 127.0.0.1 (Ray's other ports follow the node address; token auth guards them).
+``check_plan`` refuses, before anything starts, a plan the cluster cannot schedule (Ray
+would otherwise wait silently forever).
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ def ensure_ray() -> None:
     # others, and Ray refuses to merge the same key twice.
     defaults = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_CHDIR_TO_TRIAL_DIR": "0",
                 "MLFLOW_TRACKING_URI": tracking_uri()}
+    if not os.environ.get("RAY_ADDRESS"):
+        # Ray starts workers at nice 15; on a laptop the training worker is the job, and at
+        # low priority it loses CPU share to anything else running (BENCHMARKS.md, Ray overhead).
+        os.environ.setdefault("RAY_worker_niceness", "0")
     forwarded = {k: v for k, v in defaults.items() if k not in os.environ}
     os.environ.update(forwarded)
     env = {"env_vars": forwarded} if forwarded else None
