@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 # When set, each worker records under $SPROUT_DEBUG_DIR/<run name>/ the sample indices it
-# trained on per epoch (audits of data sharding), and a file ``kill-at-epoch`` there holding
-# an epoch number makes rank 0 SIGKILL itself once at that epoch (fault-injection drills).
+# trained on per epoch (audits of data sharding); a file ``kill-at-epoch`` there holding an
+# epoch number makes rank 0 SIGKILL itself once at that epoch, and ``pause-at-epoch`` holds
+# it once there until a ``resume`` file appears (fault-injection drills).
 DEBUG_DIR_ENV = "SPROUT_DEBUG_DIR"
 
 
@@ -47,6 +48,21 @@ def _maybe_inject_fault(name: str, epoch: int, rank: int) -> None:
         return
     marker.write_text(str(os.getpid()))
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _maybe_pause(name: str, epoch: int, rank: int, timeout_s: float = 300.0) -> None:
+    """Drill hook: a ``pause-at-epoch`` file holds rank 0 once at that epoch until ``resume``
+    appears, so a test can take a node away while the run is provably mid-flight."""
+    d = _debug_dir(name)
+    if d is None or rank != 0 or not (d / "pause-at-epoch").is_file():
+        return
+    marker = d / f"paused-at-epoch-{epoch}"
+    if int((d / "pause-at-epoch").read_text().strip()) != epoch or marker.exists():
+        return
+    marker.write_text(str(os.getpid()))
+    deadline = time.time() + timeout_s
+    while not (d / "resume").exists() and time.time() < deadline:
+        time.sleep(0.1)
 
 
 def _record(name: str, rank: int, epoch: int, payload: dict[str, Any]) -> None:
@@ -108,6 +124,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             run.train_loader.sampler.set_epoch(epoch)
             _record(name, rank, epoch, {"pid": os.getpid(), "indices": [int(i) for i in run.train_loader.sampler]})
         _maybe_inject_fault(name, epoch, rank)
+        _maybe_pause(name, epoch, rank)
         t0 = time.perf_counter()
         try:
             local = train_epoch(

@@ -48,25 +48,30 @@ def test_node_removed_mid_run_and_replaced_run_finishes(tmp_path, mlflow_uri, se
     worker = cluster.add_node(num_cpus=1)
     try:
         ray.init(address=cluster.address)
-        cfg = digits_cfg(tmp_path, "experiment=test-cluster", "train.epochs=12", "train.max_failures=3",
-                         "data.name=synthetic", "data.num_samples=8000", "data.image_size=16", "data.channels=3")
+        cfg = digits_cfg(tmp_path, "experiment=test-cluster", "train.epochs=4", "train.max_failures=3")
+        debug = session_dir / "debug" / "node-loss"
+        debug.mkdir(parents=True, exist_ok=True)
+        (debug / "pause-at-epoch").write_text("1")  # hold rank 0 at epoch 2 while the node dies
         box: dict = {}
         th = threading.Thread(target=lambda: box.setdefault("out", run_training(cfg, "node-loss")), daemon=True)
         th.start()
-        debug = session_dir / "debug" / "node-loss"
         deadline = time.time() + 300
-        while not (debug / "worker-0-epoch-1.json").exists():
+        while not (debug / "paused-at-epoch-1").exists():
             assert th.is_alive() and time.time() < deadline, "training never reached epoch 2"
             time.sleep(0.2)
-        first_pid = json.loads((debug / "worker-0-epoch-1.json").read_text())["pid"]
+        first_pid = int((debug / "paused-at-epoch-1").read_text())
         cluster.remove_node(worker, allow_graceful=False)  # the node holding the only worker dies
         cluster.add_node(num_cpus=1)  # a fresh node joins (must happen on the main thread)
+        while not any(json.loads(p.read_text())["pid"] != first_pid for p in debug.glob("worker-0-epoch-*.json")):
+            assert th.is_alive() and time.time() < deadline, "no new worker started after the node loss"
+            time.sleep(0.2)
+        (debug / "resume").write_text("")  # release the orphaned process of the dead node
         th.join(timeout=600)
         assert not th.is_alive()
         out = box["out"]
         c = tracking.client()
         steps = sorted(m.step for m in c.get_metric_history(out.run_id, "train/loss"))
-        assert steps == list(range(1, 13))
+        assert steps == [1, 2, 3, 4]
         pids = {json.loads(p.read_text())["pid"] for p in debug.glob("worker-0-epoch-*.json")}
         assert len(pids) >= 2 and first_pid in pids, "the run did not move to a new worker process"
     finally:
