@@ -136,7 +136,8 @@ def test_mlflow_ui_shows_the_comparison_in_a_real_browser(comparison, mlflow_uri
                         break
             except OSError:
                 pass
-            assert time.time() < deadline and server.poll() is None, "mlflow server did not come up"
+            if not (time.time() < deadline and server.poll() is None):
+                pytest.fail("mlflow server did not come up")
             time.sleep(1)
         c = tracking.client()
         exp_id = c.get_experiment_by_name(cfg.experiment).experiment_id

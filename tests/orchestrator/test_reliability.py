@@ -107,7 +107,8 @@ def _wait_for_epochs(proc: subprocess.Popen, c, experiment: str, key: str, n: in
     deadline = time.time() + HANG_GUARD_S
     while True:
         assert proc.poll() is None, f"sprout train exited ({proc.returncode}) before it could be interrupted"
-        assert time.time() < deadline, f"no {n} epoch(s) logged in time"
+        if not (time.time() < deadline):
+            pytest.fail(f"no {n} epoch(s) logged in time")
         runs = _runs_with_key(c, experiment, key)
         if runs and len(_steps(c, runs[0].info.run_id, "train/loss")) >= n and _latest_ckpt_epoch(run_dir) >= n:
             return runs[0].info.run_id
@@ -306,7 +307,8 @@ class _MlflowServer:
         deadline = time.time() + 240
         while True:
             assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, "mlflow server never answered /health"
+            if not (time.time() < deadline):
+                pytest.fail("mlflow server never answered /health")
             try:
                 with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -591,7 +593,8 @@ def test_lost_node_without_replacement_fails_clearly_after_the_configured_wait(
         debug = session_dir / "debug" / name
         deadline = time.time() + HANG_GUARD_S
         while not (debug / "worker-0-epoch-1.json").exists():
-            assert th.is_alive() and time.time() < deadline, f"training never reached epoch 2: {box}"
+            if not (th.is_alive() and time.time() < deadline):
+                pytest.fail(f"training never reached epoch 2: {box}")
             time.sleep(0.2)
         cluster.remove_node(worker, allow_graceful=False)  # and no node ever replaces it
         th.join(timeout=HANG_GUARD_S)

@@ -57,13 +57,15 @@ def test_node_removed_mid_run_and_replaced_run_finishes(tmp_path, mlflow_uri, se
         th.start()
         deadline = time.time() + 300
         while not (debug / "paused-at-epoch-1").exists():
-            assert th.is_alive() and time.time() < deadline, "training never reached epoch 2"
+            if not (th.is_alive() and time.time() < deadline):
+                pytest.fail("training never reached epoch 2")
             time.sleep(0.2)
         first_pid = int((debug / "paused-at-epoch-1").read_text())
         cluster.remove_node(worker, allow_graceful=False)  # the node holding the only worker dies
         cluster.add_node(num_cpus=1)  # a fresh node joins (must happen on the main thread)
         while not any(json.loads(p.read_text())["pid"] != first_pid for p in debug.glob("worker-0-epoch-*.json")):
-            assert th.is_alive() and time.time() < deadline, "no new worker started after the node loss"
+            if not (th.is_alive() and time.time() < deadline):
+                pytest.fail("no new worker started after the node loss")
             time.sleep(0.2)
         (debug / "resume").write_text("")  # release the orphaned process of the dead node
         th.join(timeout=600)
