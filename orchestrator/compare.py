@@ -23,6 +23,7 @@ from orchestrator.config import ConfigError, apply_overrides, from_dict
 from orchestrator.runner import run_tags, storage_path
 from orchestrator.session import DRIVER_CPU, available_resources, ensure_ray
 from orchestrator.sweep import max_concurrent, write_table
+from orchestrator.tune_fit import close_after, fit_tuner
 from trainables import METHODS
 
 # Table 7 ablations: SPROUT with its parts switched off.
@@ -88,7 +89,7 @@ def _run_phase(cfg: Any, compare: str, phase: str, variants: list[str], parent: 
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=name, storage_path=storage_path(cfg)),
         )
-    grid = tuner.fit()
+    grid = fit_tuner(tuner)
     failed = [r for r in grid if r.error is not None]
     if failed:
         raise RuntimeError(f"{len(failed)} trial(s) of {name} failed: {failed[0].error}")
@@ -147,8 +148,8 @@ def run_compare(cfg: Any, methods: list[str], *, name: str, sprout_init: str = "
         rows = comparison_rows(c, {m: children[m].info.run_id for m in methods}, results)
         _log_report(c, parent, rows)
         _log_model_figures(c, parent, cfgs, states)
-    except BaseException:
-        c.set_terminated(parent, status="FAILED")
+    except BaseException as e:
+        close_after(c, cfg.experiment, parent, e)
         raise
     c.log_metric(parent, "time/compare_total_s", time.perf_counter() - t0)
     c.set_terminated(parent, status="FINISHED")

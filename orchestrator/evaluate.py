@@ -121,6 +121,9 @@ def eval_figures(result: Any, *, cfg: Any, state: dict[str, Any] | None) -> list
     curves = {a: pts for a, pts in curves.items() if len(pts) > 1}
     if curves:
         out.append(("accuracy_vs_eps", figures.plot_accuracy_vs_eps(curves)))
+    steps = result.steps_curve()
+    if len(steps) > 1:
+        out.append(("accuracy_vs_pgd_steps", figures.plot_accuracy_vs_steps({"pgd": steps}, eps=cfg.eval.eps)))
     beta = (state or {}).get("method", {}).get("beta") if state else None
     if beta is not None:
         from orchestrator.worker import data_info

@@ -221,10 +221,17 @@ def run_training(
     try:
         result = fit_trainer(cfg, name, run_id, in_tune=in_tune)
     except BaseException as e:
+        from ray.exceptions import RayActorError
+        from ray.train import TrainingFailedError
+
+        if in_tune and isinstance(e, RayActorError):
+            # Tune stopping this trial (ASHA, Ctrl-C, SIGTERM) removes its placement group and
+            # with it the Train controller: not a failure. The sweep/compare driver closes the
+            # run (FINISHED + early_stopped, or KILLED), or records the error Tune reports.
+            raise
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         c.set_terminated(run_id, status=status)
         c.set_tag(run_id, tracking.ERROR_TAG, f"{type(e).__name__}: {e}"[:5000])
-        from ray.train import TrainingFailedError
 
         if isinstance(e, TrainingFailedError):  # Ray 2.60 raises these from fit() (not Result.error)
             raise RuntimeError(f"training run {name!r} failed: {_short(e, cfg)}") from e

@@ -19,6 +19,7 @@ from orchestrator import tracking
 from orchestrator.config import apply_overrides, from_dict
 from orchestrator.runner import run_tags, storage_path
 from orchestrator.session import DRIVER_CPU, available_resources, ensure_ray, plan_for
+from orchestrator.tune_fit import close_after, fit_tuner
 
 
 def max_concurrent(cfg: Any, requested: int | None, available: dict[str, float]) -> int:
@@ -138,9 +139,9 @@ def run_sweep(cfg: Any, space_name: str, *, name: str, samples: int | None = Non
     tuner = make_tuner(cfg, name, space, samples=samples, scheduler=scheduler, search=search,
                        parent_run_id=parent, concurrency=concurrency, log_model=log_model)
     try:
-        grid = tuner.fit()
-    except BaseException:
-        c.set_terminated(parent, status="KILLED")
+        grid = fit_tuner(tuner)
+    except BaseException as e:
+        close_after(c, cfg.experiment, parent, e)
         raise
     metric = cfg.tune.metric
     rows = results_table(grid, metric)
@@ -163,13 +164,23 @@ def run_sweep(cfg: Any, space_name: str, *, name: str, samples: int | None = Non
 
 
 def _finish_children(c: Any, cfg: Any, parent: str, sweep: str, rows: list[dict[str, Any]]) -> None:
-    """Close children the scheduler stopped (their trial was interrupted mid-run), tagged as such."""
+    """Close the children of trials the scheduler stopped early (tagged) or that errored.
+
+    A trial stopped by Tune leaves its MLflow run RUNNING: only this driver knows whether
+    ASHA stopped it (FINISHED, ``sprout.early_stopped``) or an interrupt did (KILLED).
+    """
     exp = c.get_experiment_by_name(cfg.experiment)
     runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000)
     by_key = {r.data.tags.get(tracking.RUN_KEY): r for r in runs}
     for row in rows:
         run = by_key.get(f"{sweep}/{row['trial_id']}")
-        if run is None or row["error"]:
+        if run is None:
+            continue
+        if row["error"]:
+            if run.info.status == "RUNNING":
+                c.set_terminated(run.info.run_id, status="FAILED")
+            if tracking.ERROR_TAG not in run.data.tags:
+                c.set_tag(run.info.run_id, tracking.ERROR_TAG, row["error"])
             continue
         if row.get("training_iteration", cfg.train.epochs) < cfg.train.epochs:
             c.set_tag(run.info.run_id, "sprout.early_stopped", "true")

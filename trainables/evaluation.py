@@ -201,6 +201,19 @@ class EvalResult:
             pts.append((self.params["eps"], c / n))
         return sorted(set(pts))
 
+    def steps_curve(self) -> list[tuple[int, float]]:
+        """(PGD steps, accuracy) at the evaluation ε from ``pgd20``/``pgd100``/``pgd200`` (paper Fig. 7).
+
+        Accuracy that keeps falling with more steps means the shorter attack under-estimated
+        the threat (too few iterations, or masked gradients); a plateau is the honest figure.
+        """
+        pts = []
+        for k, (c, n) in self.counts.items():
+            steps = k.removeprefix("test/pgd").removesuffix("_acc")
+            if k.startswith("test/pgd") and k.endswith("_acc") and steps.isdigit() and n > 0:
+                pts.append((int(steps), c / n))
+        return sorted(pts)
+
     def summary(self) -> str:
         """A printable table; a flagged model is marked, never hidden."""
         lines = [f"{'metric':<36} {'accuracy':>9} {'correct':>8} {'total':>7}"]

@@ -553,6 +553,141 @@ def test_sigterm_and_ctrl_c_stop_sprout_train_mark_killed_exit_130_and_rerun_res
         assert _record_pid(debug / name, e) == pid, f"epoch {e + 1} was trained again after Ctrl-C"
 
 
+def _children(c, experiment: str, parent_key: str) -> tuple[object, list]:
+    parents = _runs_with_key(c, experiment, parent_key)
+    if not parents:
+        return None, []
+    exp = c.get_experiment_by_name(experiment)
+    kids = c.search_runs([exp.experiment_id], max_results=100,
+                         filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    return parents[0], kids
+
+
+def _checkpointed(rr: Path, kids: list) -> dict[str, int]:
+    """Per child run name: the epoch its Ray Train run would resume from."""
+    return {k.info.run_name: _latest_ckpt_epoch(rr / k.info.run_name) for k in kids}
+
+
+def _stop_with(sig: signal.Signals, to_group: bool, cmd: list[str], env: dict, cwd: Path, err_path: Path,
+               ready) -> int:
+    """Start ``cmd``, wait until ``ready()`` holds, send ``sig``; the exit code."""
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + HANG_GUARD_S
+            while not ready():
+                assert proc.poll() is None, f"exited ({proc.returncode}) before {sig.name}: " + \
+                    err_path.read_text()[-2000:]
+                if not (time.time() < deadline):
+                    pytest.fail(f"not ready for {sig.name} in time")
+                time.sleep(0.25)
+            (os.killpg if to_group else os.kill)(proc.pid, sig)
+            return proc.wait(timeout=HANG_GUARD_S)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+            _reap_group(proc.pid)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigterm_and_ctrl_c_stop_sprout_sweep_mark_killed_exit_130_and_rerun_resumes(tmp_path) -> None:
+    """``sprout sweep`` (4 trials, 2 at a time): SIGTERM to the driver, then Ctrl-C to the process
+    group of the resumed sweep, then a re-run that finishes. Ray Tune alone would swallow the
+    first Ctrl-C and return as if done (parent FINISHED, exit 0, unfinished trials closed)."""
+    import ray
+
+    ray.shutdown()
+    epochs, name, exp = 4, "sweep-graceful", "test-reliability-sweep"
+    store, debug, rr = tmp_path / "mlflow.db", tmp_path / "debug", tmp_path / "rr"
+    env = _train_env(f"sqlite:///{store}", debug)
+    sets = [f"storage.path={rr}", f"experiment={exp}", f"train.epochs={epochs}", "eval.attacks=[]",
+            "train.val_pgd_steps=2", "train.checkpoint_keep=10", "tune.max_concurrent_trials=2",
+            "tune.scheduler=fifo", *SLOW_DATA]
+    cmd = [PY, "-m", "orchestrator", "sweep", str(DIGITS), "--space", "sensitivity_small", "--name", name,
+           *[a for s in sets for a in ("--set", s)]]
+    c = tracking.client(f"sqlite:///{store}")
+    done_before = 0
+    pids: dict[str, dict[str, int]] = {}
+    for sig, to_group in ((signal.SIGTERM, False), (signal.SIGINT, True)):
+        def progressed(floor: int = done_before) -> bool:
+            _, kids = _children(c, exp, name)
+            return sum(_checkpointed(rr, kids).values()) > floor
+
+        code = _stop_with(sig, to_group, cmd, env, tmp_path, tmp_path / f"{sig.name}.err", progressed)
+        stderr = (tmp_path / f"{sig.name}.err").read_text()
+        assert code == 130, (sig.name, stderr[-3000:])
+        assert "re-run the same command to resume" in stderr
+        parent, kids = _children(c, exp, name)
+        assert parent.info.status == "KILLED"
+        assert kids and {k.info.status for k in kids} <= {"KILLED", "FINISHED"}, [k.info.status for k in kids]
+        assert "KILLED" in {k.info.status for k in kids}
+        assert not any(tracking.ERROR_TAG in c.get_run(k.info.run_id).data.tags for k in kids)
+        ckpt = _checkpointed(rr, kids)
+        assert sum(ckpt.values()) > done_before
+        done_before = sum(ckpt.values())
+        for k in kids:
+            steps = _steps(c, k.info.run_id, "train/loss")
+            assert steps == list(range(1, len(steps) + 1)) and len(steps) >= ckpt[k.info.run_name], (sig.name, steps)
+        pids[sig.name] = {k.info.run_name: {e: _record_pid(debug / k.info.run_name, e)
+                                            for e in range(ckpt[k.info.run_name])} for k in kids}
+
+    rerun = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    parent, kids = _children(c, exp, name)
+    assert len(_runs_with_key(c, exp, name)) == 1 and parent.info.status == "FINISHED"
+    assert len(kids) == 4 and len({k.data.tags[tracking.RUN_KEY] for k in kids}) == 4
+    assert all(k.info.status == "FINISHED" for k in kids), [k.info.status for k in kids]
+    for k in kids:
+        assert _steps(c, k.info.run_id, "train/loss") == list(range(1, epochs + 1)), k.info.run_name
+    # Epochs checkpointed before each stop kept the process that trained them: resumed, not redone.
+    for stop in pids.values():
+        for run_name, by_epoch in stop.items():
+            for e, pid in by_epoch.items():
+                assert _record_pid(debug / run_name, e) == pid, f"{run_name} epoch {e + 1} was trained again"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sigterm_stops_sprout_compare_before_its_next_phase_and_rerun_finishes(tmp_path) -> None:
+    """SIGTERM while natural trains (phase 1): no SPROUT phase starts, parent and child KILLED,
+    exit 130; the re-run resumes natural from its checkpoint and completes the comparison."""
+    import ray
+
+    ray.shutdown()
+    epochs, name, exp = 3, "cmp-graceful", "test-reliability-compare"
+    store, debug, rr = tmp_path / "mlflow.db", tmp_path / "debug", tmp_path / "rr"
+    env = _train_env(f"sqlite:///{store}", debug)
+    sets = [f"storage.path={rr}", f"experiment={exp}", f"train.epochs={epochs}", "train.val_pgd_steps=2",
+            "train.checkpoint_keep=10", *SLOW_DATA]
+    cmd = [PY, "-m", "orchestrator", "compare", str(DIGITS), "--methods", "natural,sprout", "--attacks", "pgd20",
+           "--n-examples", "32", "--name", name, *[a for s in sets for a in ("--set", s)]]
+    c = tracking.client(f"sqlite:///{store}")
+    natural_dir = rr / f"{name}-natural"
+    code = _stop_with(signal.SIGTERM, False, cmd, env, tmp_path, tmp_path / "term.err",
+                      lambda: _latest_ckpt_epoch(natural_dir) >= 1)
+    stderr = (tmp_path / "term.err").read_text()
+    assert code == 130, stderr[-3000:]
+    parent, kids = _children(c, exp, name)
+    assert parent.info.status == "KILLED"
+    assert [(k.info.run_name, k.info.status) for k in kids] == [(f"{name}-natural", "KILLED")]
+    kept = {e: _record_pid(debug / f"{name}-natural", e) for e in range(_latest_ckpt_epoch(natural_dir))}
+    assert kept and len(kept) < epochs
+
+    rerun = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    parent, kids = _children(c, exp, name)
+    assert parent.info.status == "FINISHED"
+    assert sorted((k.info.run_name, k.info.status) for k in kids) == [
+        (f"{name}-natural", "FINISHED"), (f"{name}-sprout", "FINISHED")]
+    natural = next(k for k in kids if k.info.run_name.endswith("natural"))
+    assert _steps(c, natural.info.run_id, "train/loss") == list(range(1, epochs + 1))
+    assert all(_record_pid(debug / f"{name}-natural", e) == pid for e, pid in kept.items())
+    assert "test/pgd20_acc" in c.get_run(natural.info.run_id).data.metrics
+
+
 # ------------------------------------------------- simulated cluster (shuts Ray down)
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from orchestrator import tracking
 from tests.conftest import ROOT, digits_cfg
+from tests.orchestrator.test_reliability import SLOW_DATA, _latest_ckpt_epoch
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -119,5 +120,48 @@ def test_ray_job_submit_runs_sprout_train_and_logs_to_mlflow(tmp_path, session_d
         runs = c.search_runs([exp.experiment_id])
         assert len(runs) == 1 and runs[0].data.tags["sprout.run_key"] == "job-digits"
         assert sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "val/clean_acc")) == [1, 2]
+        _ray_job_stop_is_graceful_and_resubmission_resumes(bindir, dash, env, tmp_path, c)
     finally:
         subprocess.run([str(bindir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _ray_job_stop_is_graceful_and_resubmission_resumes(bindir: Path, dash: int, env: dict, tmp_path: Path, c) -> None:
+    """`ray job stop` sends SIGTERM and, after cluster/runtime_env.yaml's RAY_JOB_STOP_WAIT_TIME_S,
+    SIGKILL: sprout's graceful stop must land in between (run KILLED, resume message), and the
+    same command submitted again resumes into the same MLflow run."""
+    name, epochs = "job-stopped", 4
+    sets = [f"storage.path={tmp_path / 'rr'}", "experiment=job-submit", "eval.attacks=[]", f"train.epochs={epochs}",
+            "train.val_pgd_steps=2", "train.checkpoint_keep=10", *SLOW_DATA]
+    entry = ["sprout", "train", "configs/digits.yaml", "--name", name, *[a for s in sets for a in ("--set", s)]]
+    job = [str(bindir / "ray"), "job"]
+    addr = f"--address=http://127.0.0.1:{dash}"
+    submit = [*job, "submit", addr, "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"),
+              "--working-dir", str(ROOT)]
+    sub = subprocess.run([*submit, "--no-wait", "--submission-id", "sprout-job-stop", "--", *entry],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    deadline = time.time() + 600
+    while _latest_ckpt_epoch(tmp_path / "rr" / name) < 1:
+        if not (time.time() < deadline):
+            pytest.fail("the submitted run checkpointed no epoch in time")
+        time.sleep(0.5)
+    stop = subprocess.run([*job, "stop", addr, "sprout-job-stop"], env=env, capture_output=True, text=True, timeout=300)
+    assert stop.returncode == 0, stop.stderr[-3000:]
+    status = subprocess.run([*job, "status", addr, "sprout-job-stop"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert "stopped" in (status.stdout + status.stderr).lower()
+    logs = subprocess.run([*job, "logs", addr, "sprout-job-stop"], env=env, capture_output=True, text=True, timeout=60)
+    assert "re-run the same command to resume" in logs.stdout + logs.stderr
+    exp = c.get_experiment_by_name("job-submit")
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`sprout.run_key` = '{name}'")
+    assert len(runs) == 1 and runs[0].info.status == "KILLED"
+    logged = sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "train/loss"))
+    assert 1 <= len(logged) < epochs
+
+    again = subprocess.run([*submit, "--submission-id", "sprout-job-resume", "--", *entry],
+                           env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, (again.stdout[-3000:], again.stderr[-3000:])
+    assert "(resumed)" in again.stdout
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`sprout.run_key` = '{name}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "train/loss")) == list(range(1, epochs + 1))

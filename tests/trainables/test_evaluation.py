@@ -70,6 +70,8 @@ def test_metrics_use_the_spec_names_and_are_fractions(models, test_set):
     assert all(0.0 <= m[k] <= 1.0 for k in SPEC_TEST_METRICS)
     assert all(k.startswith(("test/", "masking/", "time/eval_")) for k in m)
     assert m["test/clean_acc"] == r.counts["test/clean_acc"][0] / 20
+    # paper Fig. 7's points: accuracy at the evaluation ε against the number of PGD steps
+    assert r.steps_curve() == [(20, m["test/pgd20_acc"]), (100, m["test/pgd100_acc"])]
 
 
 def test_seeded_runs_are_identical_and_seed_matters(models, test_set):
