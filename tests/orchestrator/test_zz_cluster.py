@@ -62,6 +62,12 @@ def test_node_removed_mid_run_and_replaced_run_finishes(tmp_path, mlflow_uri, se
                 pytest.fail("training never reached epoch 2")
             time.sleep(0.2)
         first_pid = int((debug / "paused-at-epoch-1").read_text())
+        # Rank 0 reported epoch 1 before pausing; the controller registers that checkpoint
+        # when it next polls. Kill the node only after, or the run rightly restarts from scratch.
+        while _latest_ckpt_epoch(tmp_path / "ray_results" / "node-loss") < 1:
+            if not (th.is_alive() and time.time() < deadline):
+                pytest.fail("the epoch-1 checkpoint was never registered")
+            time.sleep(0.2)
         cluster.remove_node(worker, allow_graceful=False)  # the node holding the only worker dies
         cluster.add_node(num_cpus=1)  # a fresh node joins (must happen on the main thread)
         while not any(json.loads(p.read_text())["pid"] != first_pid for p in debug.glob("worker-0-epoch-*.json")):
