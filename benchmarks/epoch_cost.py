@@ -33,7 +33,6 @@ SPROUT at 1.85× natural (an extra backward pass we do not need); its PGD-AT is 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._emit import emit  # noqa: E402 - needs the repo root on sys.path
 
 TARGET_PGD_OVER_SPROUT = 7.0  # SPEC §8: PGD-AT (7 steps) epoch time / SPROUT epoch time >= 7
 TARGET_SPROUT_OVER_NATURAL = 1.05  # SPEC §8 (step time; an epoch is the same steps)
@@ -246,15 +247,7 @@ def table(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     res = measure(args)
-    print(table(res))
-    if args.json:
-        text = json.dumps(res, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-    return 0
+    return emit(res, table(res), args.json)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._emit import emit  # noqa: E402 - needs the repo root on sys.path
+
 TARGET = 1.05  # SPEC §8: Ray Train (1 worker) epoch time / the same loop without Ray
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -497,15 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sampler:
         return sampler_main(int(args.sampler[0]), args.sampler[1], float(args.sampler[2]))
     res = measure(args)
-    print(table(res))
-    if args.json:
-        text = json.dumps(res, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-    return 0
+    return emit(res, table(res), args.json)
 
 
 if __name__ == "__main__":

@@ -19,16 +19,19 @@ on a shared machine).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._emit import emit  # noqa: E402 - needs the repo root on sys.path
 from trainables import DATASETS, METHODS, MODELS
 from trainables.data import dataset_info
 from trainables.loop import OptimConfig, StepOptions, build_optimizer, train_step
@@ -212,15 +215,7 @@ def table(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     res = measure(args)
-    print(table(res))
-    if args.json:
-        text = json.dumps(res, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-    return 0
+    return emit(res, table(res), args.json)
 
 
 if __name__ == "__main__":
