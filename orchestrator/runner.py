@@ -30,6 +30,10 @@ class TrainOutcome:
     train_seconds: float
 
 
+# Ray Train V2's controller poll interval (propagated to the controller by Ray); yours wins if set.
+POLL_ENV, POLL_DEFAULT_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+
+
 def storage_path(cfg: Any) -> str:
     p = cfg.storage.path
     return p if "://" in p else str(Path(p).expanduser().resolve())
@@ -82,6 +86,10 @@ def fit_trainer(cfg: Any, name: str, run_id: str, *, in_tune: bool = False) -> A
 
     s = cfg.scaling
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(s.worker_start_timeout_s)
+    # Ray Train V2 hands each worker's reports to the controller through a queue of one,
+    # drained when the controller polls (every 2 s by default): epochs shorter than that
+    # wait in report(). 0.5 s polls cost the controller little and let short epochs run.
+    os.environ.setdefault(POLL_ENV, POLL_DEFAULT_S)
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
