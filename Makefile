@@ -10,9 +10,9 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: venv demo test test-fast lint ui bench clean
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q -r requirements.txt -c constraints.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(if $(CI),--hypothesis-seed=0)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow and not ray"

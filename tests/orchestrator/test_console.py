@@ -1,0 +1,111 @@
+"""What a user sees from `sprout train` (issue 15): a few lines of our own, one per epoch, the
+log file's path, and everything Ray and the workers print in that log file. Real
+subprocesses: without a terminal, with --verbose, a failing run, and under a real
+pseudo-terminal (tmux) whose screen is captured.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DIGITS, ROOT
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+PY = sys.executable
+NOISE = ("TrainingReport", "Checkpoint successfully created", "PreemptionWatcher")
+HANG_GUARD_S = 600
+
+
+def _cmd(name: str, tmp: Path, *sets: str, verbose: bool = False) -> list[str]:
+    base = [f"storage.path={tmp / 'rr'}", "eval.attacks=[]", "train.val_pgd_steps=2", "experiment=console"]
+    return [PY, "-m", "orchestrator", "train", str(DIGITS), "--name", name, *(["--verbose"] if verbose else []),
+            *[a for s in [*base, *sets] for a in ("--set", s)]]
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}")
+    for k in ("RAY_ADDRESS", "SPROUT_DEBUG_DIR"):
+        env.pop(k, None)
+    return env
+
+
+def _run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=_env(tmp), cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
+
+
+def _log_path(text: str) -> Path:
+    m = re.search(r"^log: (\S+)", text, re.M)
+    assert m, text
+    return Path(m.group(1))
+
+
+def test_train_without_a_terminal_prints_a_few_lines_and_logs_the_rest(tmp_path) -> None:
+    out = _run(_cmd("quiet", tmp_path, "train.epochs=2"), tmp_path)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    assert len(lines) <= 15, lines
+    assert [line for line in lines if " epoch " in line] == [
+        line for line in lines if re.match(r"quiet: epoch [12]/2  loss \d\.\d{4}  val clean \d\.\d{3}  pgd", line)]
+    assert sum(" epoch 1/2 " in line for line in lines) == 1 and sum(" epoch 2/2 " in line for line in lines) == 1
+    assert not [line for line in lines if any(n in line for n in NOISE)], lines
+    assert any(line.startswith("MLflow run: http://127.0.0.1:5000/#/experiments/") for line in lines)
+    log = _log_path(out.stderr)
+    assert log.is_file() and log.is_relative_to(tmp_path / "rr" / "quiet")
+    text = log.read_text()
+    assert "RayTrainWorker" in text and "TrainingReport" in text  # the workers' own lines are in the log
+
+
+def test_verbose_streams_ray_and_the_workers_output(tmp_path) -> None:
+    out = _run(_cmd("loud", tmp_path, "train.epochs=1", verbose=True), tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    both = out.stdout + out.stderr
+    assert "RayTrainWorker" in both and "TrainingReport" in both
+    assert not re.search(r"^log: ", out.stderr, re.M)
+
+
+def test_a_failing_run_prints_the_failure_the_workers_last_lines_and_the_log(tmp_path) -> None:
+    out = _run(_cmd("nan", tmp_path, "train.epochs=2", "train.lr=1e12", "method=natural"), tmp_path)
+    assert out.returncode == 1, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("sprout: train failed: ") and "non-finite" in lines[-1].lower(), lines[-3:]
+    log = _log_path(out.stderr)
+    assert any(line == f"last lines of the log {log}:" for line in lines)
+    shown = [line[4:] for line in lines if line.startswith("  | ")]
+    assert shown and shown == [s[:400] for s in log.read_text().splitlines() if s.strip()][-len(shown):]
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_on_a_terminal_the_run_line_is_redrawn_in_place(tmp_path) -> None:
+    """A real pseudo-terminal (tmux): the screen holds one line for the run, redrawn per epoch."""
+    sock = str(tmp_path / "tmux.sock")
+    script = tmp_path / "run.sh"
+    env = _env(tmp_path)
+    exports = "".join(f"export {k}={v!r}\n" for k, v in env.items() if k.isidentifier() and "'" not in v)
+    script.write_text(f"{exports}cd {ROOT}\n{' '.join(_cmd('tty', tmp_path, 'train.epochs=3'))}\n"
+                      f"echo EXIT=$?\nsleep 600\n")
+    subprocess.run(["tmux", "-S", sock, "new-session", "-d", "-x", "200", "-y", "50", f"bash {script}"], check=True)
+    try:
+        deadline = time.time() + HANG_GUARD_S
+        screen = ""
+        while "EXIT=" not in screen:
+            if time.time() > deadline:
+                pytest.fail(f"sprout train did not finish under tmux:\n{screen}")
+            time.sleep(2)
+            screen = subprocess.run(["tmux", "-S", sock, "capture-pane", "-p", "-J"], capture_output=True,
+                                    text=True).stdout
+    finally:
+        subprocess.run(["tmux", "-S", sock, "kill-server"], capture_output=True)
+    assert "EXIT=0" in screen, screen
+    rows = [line for line in screen.splitlines() if line.startswith("tty ")]
+    assert len(rows) == 1, screen  # one line for the run, not one per epoch
+    assert "epoch 3/3" in rows[0] and "val clean" in rows[0], rows
+    assert not any(n in screen for n in NOISE), screen
