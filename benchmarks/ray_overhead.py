@@ -110,7 +110,7 @@ def bare_run(cfg: Any) -> dict[str, Any]:
     import torch
 
     from orchestrator.worker import build_run, step_options
-    from trainables.loop import lr_at, train_epoch
+    from trainables.loop import set_epoch_lr, train_epoch
 
     torch.set_num_threads(max(1, round(cfg.scaling.cpus_per_worker)))
     t_run = time.perf_counter()
@@ -119,12 +119,12 @@ def bare_run(cfg: Any) -> dict[str, Any]:
     opts = step_options(cfg, device)
     epochs = []
     for epoch in range(run.epochs):
-        for g in run.optimizer.param_groups:
-            g["lr"] = lr_at(epoch, run.epochs, run.optim)
+        set_epoch_lr(run.optimizer, run.method, epoch, run.epochs, run.optim)  # as the Ray worker does
         start = time.time()
         w, c, t = _clocks()
         train_epoch(run.model, run.method, run.optimizer, run.train_loader, device, epoch=epoch,
-                    seed=cfg.train.seed, rank=0, opts=opts, max_steps=cfg.train.max_steps_per_epoch)
+                    seed=cfg.train.seed, rank=0, opts=opts, max_steps=cfg.train.max_steps_per_epoch,
+                    augment=run.augment)
         w2, c2, t2 = _clocks()
         epochs.append({"epoch": epoch + 1, "wall_s": w2 - w, "cpu_s": c2 - c, "thread_cpu_s": t2 - t,
                        "window": (start, time.time())})

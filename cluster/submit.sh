@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Launch: RAY_AUTH_MODE=token cluster/submit.sh --address http://127.0.0.1:8265 -- sprout train configs/digits.yaml --name demo
+# Launch: RAY_AUTH_MODE=token cluster/submit.sh --address http://127.0.0.1:8265 -- sprout train configs/digits.yaml --set "eval.attacks=[pgd20]" --name demo
 #
 # `ray job submit` with cluster/runtime_env.yaml, the repository as the working dir, and the
 # checkout's commit as SPROUT_GIT_SHA (the runs' git_sha: .git is never uploaded). Ray 2.60

@@ -23,6 +23,10 @@ ATTACK_NAMES = (
 )
 
 
+# data.augment when null: the dataset's standard training augmentation (SPEC §6)
+DEFAULT_AUGMENT = {"cifar10": "standard", "imagenet": "imagenet"}
+
+
 class ConfigError(ValueError):
     """A usage or configuration error: one line naming the field and what is allowed."""
 
@@ -61,6 +65,13 @@ class DataConfig(_Strict):
     num_classes: int | None = Field(default=None, ge=2)
     num_samples: int | None = Field(default=None, ge=1)
     loader_workers: int = Field(default=0, ge=0)
+    # Training-set augmentation, the same for every method (SPEC §6): ``standard`` = pad-4 random
+    # crop + horizontal flip (CIFAR-10's default), ``none`` (digits, synthetic), ``imagenet`` = the
+    # ImageNet pipeline's own RandomResizedCrop + flip. Null: the dataset's default. Never val/test.
+    augment: Literal["standard", "none", "imagenet"] | None = None
+    # Seeds the train/validation split only, independent of train.seed: a model initialised
+    # from a run with another train.seed never sees this run's validation images in training.
+    split_seed: int = Field(default=0, ge=0)
 
     @field_validator("name")
     @classmethod
@@ -68,6 +79,20 @@ class DataConfig(_Strict):
         if v not in DATASETS:
             raise ValueError(f"unknown dataset {v!r}; expected one of: {', '.join(DATASETS)}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_augment(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("augment") is None:
+            data = {**data, "augment": DEFAULT_AUGMENT.get(data.get("name", "digits"), "none")}
+        return data
+
+    @model_validator(mode="after")
+    def _augment_fits(self) -> DataConfig:
+        if (self.name == "imagenet") != (self.augment == "imagenet"):
+            allowed = "'imagenet' (its RandomResizedCrop + flip pipeline)" if self.name == "imagenet" else "'standard' or 'none'"
+            raise ValueError(f"data.augment {self.augment!r} does not fit dataset {self.name!r}; expected {allowed}")
+        return self
 
     @model_validator(mode="after")
     def _root(self) -> DataConfig:
@@ -84,7 +109,9 @@ class DataConfig(_Strict):
         """Keyword options for DATASETS[name](root=..., split=..., **options)."""
         keys = ("val_fraction", "download", "image_size", "channels", "num_classes", "num_samples")
         opts = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-        return {"seed": seed, **opts}
+        # the split (and synthetic data) follow data.split_seed, never train.seed (``seed`` is kept
+        # in the signature for callers that pass it)
+        return {"seed": self.split_seed, **opts}
 
 
 class TrainConfig(_Strict):
@@ -111,7 +138,9 @@ class TrainConfig(_Strict):
     max_steps_per_epoch: int | None = Field(default=None, ge=1)
     max_failures: int = Field(default=3, ge=-1)
     checkpoint_keep: int = Field(default=2, ge=1)
-    checkpoint_metric: Literal["val/pgd_acc", "val/clean_acc"] = "val/pgd_acc"
+    # Null: the method's own (val/clean_acc for natural and label_smoothing, val/pgd_acc for the
+    # robust methods); resolved by ``checkpoint_metric(cfg)``.
+    checkpoint_metric: Literal["val/pgd_acc", "val/clean_acc"] | None = None
     val_pgd_steps: int = Field(default=10, ge=0)
     val_max_batches: int | None = Field(default=None, ge=1)
 
@@ -131,11 +160,28 @@ class ScalingConfig(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     worker_start_timeout_s: float = Field(default=120.0, gt=0)
     worker_start_retries: int = Field(default=2, ge=0)
+    # On an autoscaling cluster: how long to wait for the autoscaler to start the plan's nodes
+    # (a cold GPU node takes minutes: image pull, driver, Ray start) before the run fails.
+    startup_timeout_s: float = Field(default=1200.0, gt=0)
+    # e.g. H100, A100, A10G: workers (and evaluation shards) only on nodes with that accelerator
+    # (Ray's ``accelerator_type:<name>`` resource, which GPU nodes advertise).
+    accelerator_type: str | None = None
+
+    @field_validator("accelerator_type")
+    @classmethod
+    def _accelerator(cls, v: str | None) -> str | None:
+        if v is not None and (not v or not all(c.isalnum() or c in "-_." for c in v)):
+            raise ValueError(f"scaling.accelerator_type {v!r}: expected a Ray accelerator type such as H100, A100, A10G")
+        return v
 
 
 class EvalConfig(_Strict):
     attacks: list[Literal[ATTACK_NAMES]] = Field(default_factory=lambda: ["pgd20"])  # type: ignore[valid-type]
-    eps: float = Field(default=8 / 255, ge=0, le=1)
+    eps: float = Field(default=8 / 255, gt=0, le=1)
+    autoattack_eps: float = Field(default=8 / 255, gt=0, le=1)  # SPEC §3: AutoAttack at ℓ∞ 8/255
+    # The transfer attack's source: an MLflow run id or a checkpoint path (sprout compare sets its
+    # natural model). ``transfer`` in eval.attacks without one is an error, never a silent drop.
+    transfer_source: str | None = None
     n_examples: int | None = Field(default=None, ge=1)
     restarts: int = Field(default=1, ge=1)
     step_size_rule: Literal["default", "paper"] = "default"
@@ -144,7 +190,23 @@ class EvalConfig(_Strict):
     cw_l2_search_steps: int = Field(default=10, ge=1)
     cw_l2_max_iters: int = Field(default=1000, ge=1)
     eps_curve: list[float] = Field(default_factory=list)
-    num_shards: int = Field(default=1, ge=1)
+    # Ray tasks the test examples are split over; null: as many as training workers.
+    num_shards: int | None = Field(default=None, ge=1)
+
+    @field_validator("eps_curve")
+    @classmethod
+    def _pixel_eps(cls, v: list[float]) -> list[float]:
+        bad = [e for e in v if not 0 < e <= 1]
+        if bad:
+            raise ValueError(f"eval.eps_curve values must be in (0, 1] (pixel units of images in [0, 1]), got {bad[0]!r}")
+        return v
+
+    @field_validator("cw_l2_budgets")
+    @classmethod
+    def _l2_budgets(cls, v: list[float]) -> list[float]:
+        if not v or any(not b > 0 for b in v):
+            raise ValueError(f"eval.cw_l2_budgets must be a non-empty list of ℓ2 budgets > 0, got {v!r}")
+        return v
 
 
 class TuneConfig(_Strict):
@@ -200,6 +262,8 @@ class _Base(_Strict):
     def _gpu(self) -> _Base:
         if self.train.bf16 and not self.scaling.use_gpu and self.train.device == "cuda":
             raise ValueError("train.bf16 with train.device 'cuda' needs scaling.use_gpu: true")
+        if self.scaling.accelerator_type and not self.scaling.use_gpu:
+            raise ValueError("scaling.accelerator_type needs scaling.use_gpu: true")
         return self
 
     def method_params(self, name: str | None = None) -> Any:
@@ -217,6 +281,24 @@ class _Base(_Strict):
 
 
 ExperimentConfig = create_model("ExperimentConfig", __base__=_Base, **_method_sections())
+
+
+def checkpoint_metric(cfg: Any) -> str:
+    """The metric checkpoints are selected by: train.checkpoint_metric, or the method's own
+    (``Method.selection_metric``: val/clean_acc for natural and label_smoothing, val/pgd_acc
+    for the robust methods; a natural model's PGD accuracy is ≈ 0 and selects noise)."""
+    return cfg.train.checkpoint_metric or METHODS[cfg.method].selection_metric
+
+
+def require_transfer_source(cfg: Any, attacks: list[str] | None = None) -> None:
+    """Outside ``sprout compare`` (which sets its natural model), ``transfer`` needs eval.transfer_source."""
+    attacks = list(cfg.eval.attacks) if attacks is None else attacks
+    if "transfer" in attacks and not cfg.eval.transfer_source:
+        raise ConfigError(
+            "eval.attacks includes 'transfer' but eval.transfer_source is not set: give the source model's "
+            "MLflow run id or checkpoint path (--set eval.transfer_source=...), or drop 'transfer' "
+            "(sprout compare sets it to its natural model)"
+        )
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

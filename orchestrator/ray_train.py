@@ -68,6 +68,9 @@ def _maybe_pause(name: str, epoch: int, rank: int, timeout_s: float = 300.0) -> 
 def _record(name: str, rank: int, epoch: int, payload: dict[str, Any]) -> None:
     d = _debug_dir(name)
     if d is not None:
+        import ray
+
+        payload = {**payload, "node_id": ray.get_runtime_context().get_node_id()}
         d.mkdir(parents=True, exist_ok=True)
         (d / f"worker-{rank}-epoch-{epoch}.json").write_text(json.dumps(payload))
 
@@ -83,8 +86,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from trainables.loop import (
         EpochStats,
         NonFiniteLossError,
-        lr_at,
         restore_state,
+        set_epoch_lr,
         train_epoch,
         training_state,
     )
@@ -118,8 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger = MetricLogger(config["mlflow_uri"], config["mlflow_run_id"], fallback=config.get("mlflow_fallback"))
 
     for epoch in range(start, run.epochs):
-        for g in run.optimizer.param_groups:
-            g["lr"] = lr_at(epoch, run.epochs, run.optim)
+        lr = set_epoch_lr(run.optimizer, run.method, epoch, run.epochs, run.optim)  # β's lr follows it
         if hasattr(run.train_loader, "sampler") and _debug_dir(name) is not None:
             run.train_loader.sampler.set_epoch(epoch)
             _record(name, rank, epoch, {"pid": os.getpid(), "indices": [int(i) for i in run.train_loader.sampler]})
@@ -130,6 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local = train_epoch(
                 model, run.method, run.optimizer, run.train_loader, device, epoch=epoch, seed=cfg.train.seed,
                 rank=rank, opts=opts, max_steps=cfg.train.max_steps_per_epoch, any_rank=_all_reduce_sum,
+                augment=run.augment,
             )
         except NonFiniteLossError as e:
             # Deterministic: a Ray retry would diverge again. Every rank stops together (the
@@ -142,6 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if isinstance(run.train_loader, RayShardLoader):
             _record(name, rank, epoch, {"pid": os.getpid(), "ids": run.train_loader.seen})
         metrics = total.metrics()
+        metrics["train/lr"] = lr
         metrics["time/epoch_s"] = time.perf_counter() - t0
         metrics["time/samples_per_s"] = total.count / metrics["time/epoch_s"]
         metrics.update(evaluate_val(cfg, model, run, device, _all_reduce_sum, opts))

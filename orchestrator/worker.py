@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from trainables import DATASETS, MODELS
-from trainables.checkpoint import model_state_from
 from trainables.data import dataset_info
+from trainables.data.augment import build_augment
 from trainables.loop import OptimConfig, StepOptions, build_optimizer, evaluate_counts, make_loader
 from trainables.methods import Method, build_method
 
@@ -31,6 +31,8 @@ class WorkerRun:
     train_loader: Any
     val_loader: Any
     num_classes: int
+    # the training-batch augmentation of data.augment (None: none), the same for every method
+    augment: Any = None
 
 
 def scaled_lr(cfg: Any, world: int) -> float:
@@ -110,6 +112,8 @@ def build_run(cfg: Any, *, rank: int = 0, world: int = 1, device: torch.device |
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     model = build_model(cfg, info)
     if cfg.train.init_from:
+        from orchestrator.storage import model_state_from
+
         model.load_state_dict(model_state_from(cfg.train.init_from))
     if cfg.train.sync_batchnorm and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -125,7 +129,7 @@ def build_run(cfg: Any, *, rank: int = 0, world: int = 1, device: torch.device |
         train_loader: Any = RayShardLoader("train", cfg.data.batch_size, device, cfg.train.channels_last, True)
         val_loader: Any = RayShardLoader("val", cfg.data.eval_batch_size, device, cfg.train.channels_last, False)
         return WorkerRun(model, method, optimizer, optim_config(cfg, world), epochs, train_loader, val_loader,
-                         info.num_classes)
+                         info.num_classes, build_augment(cfg.data.augment))
     pin = device.type == "cuda"
     train_loader = make_loader(
         ds["train"], cfg.data.batch_size, seed=cfg.train.seed, shuffle=True, rank=rank, world_size=world,
@@ -135,7 +139,8 @@ def build_run(cfg: Any, *, rank: int = 0, world: int = 1, device: torch.device |
         ds["val"], cfg.data.eval_batch_size, seed=cfg.train.seed, shuffle=False, rank=rank, world_size=world,
         num_workers=cfg.data.loader_workers, pin_memory=pin,
     ) if len(ds["val"]) else None
-    return WorkerRun(model, method, optimizer, optim_config(cfg, world), epochs, train_loader, val_loader, info.num_classes)
+    return WorkerRun(model, method, optimizer, optim_config(cfg, world), epochs, train_loader, val_loader, info.num_classes,
+                     build_augment(cfg.data.augment))
 
 
 def _params_dict(cfg: Any) -> dict[str, Any]:

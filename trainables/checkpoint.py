@@ -4,6 +4,10 @@ A checkpoint is a directory holding ``checkpoint.pt``: a header line with the SH
 payload, then the ``torch.save`` payload. It is written to a temporary name, fsynced, then
 renamed, so an interrupted write never replaces the last good checkpoint; a truncated or
 tampered file fails its checksum and is refused.
+
+``encode_checkpoint``/``decode_checkpoint`` work on bytes, so the same format and checks serve
+object storage: ``orchestrator/storage.py`` moves the bytes (S3, GCS), this module stays plain
+PyTorch and local files.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, tampered with or of the wrong kind."""
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a fsynced temporary file and a rename (POSIX-atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -41,23 +46,20 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def save_checkpoint(directory: str | os.PathLike[str], state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``directory/checkpoint.pt`` atomically, with its checksum in the header."""
-    d = Path(directory)
+
+def encode_checkpoint(state: dict[str, Any]) -> bytes:
+    """The checkpoint file's bytes: the checksum header line, then the ``torch.save`` payload."""
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
-    _atomic_write(d / FILE, MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
-    return d
+    return MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data
 
 
-def load_checkpoint(directory: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Verify the checksum and load with ``weights_only=True``; raise CheckpointError otherwise."""
-    d = Path(directory)
-    f = d / FILE if d.is_dir() else d
-    if not f.is_file():
-        raise CheckpointError(f"no checkpoint at {f}: expected a directory holding {FILE}")
-    raw = f.read_bytes()
+def decode_checkpoint(raw: bytes, where: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify the checksum of a checkpoint file's bytes and load them with ``weights_only=True``.
+
+    ``where`` names the file in errors (a path or a URI)."""
+    f = where
     head, _, data = raw.partition(b"\n")
     if not head.startswith(MAGIC):
         raise CheckpointError(f"{f} is not a SPROUT checkpoint (missing the checksum header)")
@@ -75,6 +77,22 @@ def load_checkpoint(directory: str | os.PathLike[str], map_location: str | torch
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"checkpoint {f} is not a training checkpoint (no 'model' entry)")
     return state
+
+
+def save_checkpoint(directory: str | os.PathLike[str], state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``directory/checkpoint.pt`` atomically, with its checksum in the header."""
+    d = Path(directory)
+    atomic_write(d / FILE, encode_checkpoint(state))
+    return d
+
+
+def load_checkpoint(directory: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify the checksum and load with ``weights_only=True``; raise CheckpointError otherwise."""
+    d = Path(directory)
+    f = d / FILE if d.is_dir() else d
+    if not f.is_file():
+        raise CheckpointError(f"no checkpoint at {f}: expected a directory holding {FILE}")
+    return decode_checkpoint(f.read_bytes(), f, map_location=map_location)
 
 
 def model_state_from(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -172,7 +172,8 @@ class EvalResult:
         return masking_report(acc, margin=self.params.get("masking_margin", 0.02),
                               zero_tol=self.params.get("masking_zero_tol", 0.05),
                               large_eps=self.params.get("masking_large_eps"),
-                              autoattack_warnings=self.warnings)
+                              autoattack_warnings=self.warnings,
+                              num_classes=int(self.params["num_classes"]) if self.params.get("num_classes") else None)
 
     def metrics(self) -> dict[str, float]:
         """SPEC §5 names (``test/clean_acc``, ``test/pgd20_acc``, …), masking flags, eval times."""
@@ -333,6 +334,9 @@ def run_suite(
     try:
         for done, (block, start, end) in enumerate(blocks):
             x, y = fetch(idx[start:end])
+            if "num_classes" not in result.params:  # K, for the masking checks' large-ε tolerance
+                with bn_mode(model, "eval"):
+                    result.params["num_classes"] = _num_classes(model, x.to(dev))
             for name, seconds in _run_block(model, x.to(dev), y.to(dev), block, names, cfg, source_model, result, bar):
                 result.seconds[name] = result.seconds.get(name, 0.0) + seconds
             if on_block is not None:
@@ -401,7 +405,7 @@ def _run_block(
             assert source is not None
             x_tr = pgd_linf(source, x, y, eps=cfg.eps, step_size=cfg.step_size(cfg.eps, cfg.transfer_steps),
                             steps=cfg.transfer_steps, restarts=cfg.pgd_restarts, loss="ce", bn=cfg.bn,
-                            generator=_generator(cfg.seed, block, name))
+                            generator=_generator(cfg.seed, block, name), keep="last")
             robust[name] = correct(x_tr)
             result.add("test/transfer_acc", int(robust[name].sum()), n)
         elif name == "invariance":
@@ -414,7 +418,7 @@ def _run_block(
             for e in cfg.targeted_eps:
                 x_adv = pgd_linf(model, x, targets, eps=e, step_size=cfg.step_size(e, cfg.targeted_steps),
                                  steps=cfg.targeted_steps, restarts=cfg.pgd_restarts, loss="ce", targeted=True,
-                                 bn=cfg.bn, generator=_generator(cfg.seed, block, f"{name}@{e:g}"))
+                                 bn=cfg.bn, generator=_generator(cfg.seed, block, f"{name}@{e:g}"), true_labels=y)
                 result.add(_key_eps("test/targeted_acc_eps", e), int(correct(x_adv).sum()), n)
         elif name == "masking_checks":
             wb = [robust[a] for a in ("pgd20", "pgd100", "pgd200", "cw_linf") if a in robust]

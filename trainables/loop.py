@@ -51,6 +51,16 @@ def lr_at(epoch: int, epochs: int, cfg: OptimConfig) -> float:
     raise ValueError(f"train.schedule must be one of ['cosine', 'step', 'constant'], got {cfg.schedule!r}")
 
 
+def set_epoch_lr(optimizer: torch.optim.Optimizer, method: Method, epoch: int, epochs: int, cfg: OptimConfig) -> float:
+    """Set the model's lr of ``epoch`` and let the method's own optimizers follow it (SPROUT's
+    γ_β decays with the model's, SPEC §2 step 5); returns that lr (logged as ``train/lr``)."""
+    lr = lr_at(epoch, epochs, cfg)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    method.set_lr(lr)
+    return lr
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
@@ -63,6 +73,15 @@ def derived_seed(*parts: int) -> int:
 
 def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
     torch.manual_seed(derived_seed(seed, epoch, rank))
+
+
+# the augmentation's own random stream, apart from the methods' (global) one
+AUGMENT_STREAM = 0x4155474D
+
+
+def augment_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """The generator of the training-batch augmentation of (seed, epoch, rank): replayable."""
+    return torch.Generator().manual_seed(derived_seed(seed, epoch, rank, AUGMENT_STREAM))
 
 
 def make_loader(
@@ -212,8 +231,12 @@ def train_epoch(
     on_step: Callable[[int], None] | None = None,
     finite_check_every: int = 20,
     any_rank: Callable[[Tensor], Tensor] | None = None,
+    augment: Callable[[Tensor, torch.Generator | None], Tensor] | None = None,
 ) -> EpochStats:
     """One epoch. Returns local sums; the caller combines workers and logs.
+
+    ``augment`` (``trainables.data.augment``) transforms each training batch, the same for
+    every method, with a generator seeded from (seed, epoch, rank).
 
     Loss sums and the non-finite flag stay on the device (no host sync per step); every
     ``finite_check_every`` steps and at the end the flag is read, combined over workers with
@@ -234,6 +257,7 @@ def train_epoch(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    aug_gen = augment_generator(seed, epoch, rank) if augment is not None else None
 
     def check(upto: int) -> None:
         flag = (first_bad >= 0).to(torch.float64).reshape(1)
@@ -250,6 +274,8 @@ def train_epoch(
         if max_steps is not None and step >= max_steps:
             break
         x, y = _to_device(batch, device, opts)
+        if augment is not None:
+            x = augment(x, aug_gen)
         for _ in range(method.replays):
             out = train_step(
                 model, method, optimizer, x, y, opts=opts, accum=accum,
@@ -347,6 +373,7 @@ def fit(
     val_attack: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
     opts: StepOptions | None = None,
     log: Callable[[int, dict[str, float]], None] | None = None,
+    augment: Callable[[Tensor, torch.Generator | None], Tensor] | None = None,
 ) -> list[dict[str, float]]:
     """Single-process training with per-epoch checkpoints; resumes from ``checkpoint_dir``."""
     device = torch.device(device)
@@ -361,10 +388,10 @@ def fit(
     val_loader = make_loader(val_set, 256, seed=seed, shuffle=False) if val_set is not None else None
     history = []
     for epoch in range(start, epochs):
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(epoch, epochs, optim)
-        stats = train_epoch(model, method, optimizer, train_loader, device, epoch=epoch, seed=seed, opts=opts)
-        metrics = stats.metrics()
+        lr = set_epoch_lr(optimizer, method, epoch, epochs, optim)
+        stats = train_epoch(model, method, optimizer, train_loader, device, epoch=epoch, seed=seed, opts=opts,
+                            augment=augment)
+        metrics = stats.metrics() | {"train/lr": lr}
         if val_loader is not None:
             c, n = evaluate_counts(model, val_loader, device, opts=opts)
             metrics["val/clean_acc"] = c / max(n, 1)

@@ -112,8 +112,20 @@ def dirichlet_concentration(
 
 
 # Concentrations far below this make Gamma samples underflow (torch then returns the smallest
-# normal double), which makes the implicit-reparameterisation gradient meaningless.
+# normal double), which makes the implicit-reparameterisation gradient meaningless. The SPROUT
+# method keeps β ≥ MIN_CONCENTRATION/(s·α) (``beta_lower_bound``), so in training the floor
+# never binds: β's gradient is then exactly torch's ``Dirichlet(c).rsample()`` gradient.
 MIN_CONCENTRATION = 1e-4
+
+
+def beta_lower_bound(beta_min: float, alpha: float, scale: float = 1.0) -> float:
+    """Where β is projected: max(β_min, MIN_CONCENTRATION/(s·α)), so that every concentration
+    s·((1−α)y + αβ) ≥ s·α·β stays at or above the floor (no β_k is ever absorbed at β_min
+    with zero gradient from the rows that put no label mass on k)."""
+    if alpha <= 0:
+        return beta_min
+    # a hair above the exact quotient: β is float32, and s·α·β must not round below the floor
+    return max(beta_min, MIN_CONCENTRATION / (scale * alpha) * (1 + 1e-6))
 
 
 def floored_concentration(y: Tensor, beta: Tensor, alpha: float, scale: float = 1.0) -> Tensor:
@@ -129,8 +141,10 @@ class _DirichletTargets(torch.autograd.Function):
     on that concentration, so the samples are bit-identical. Backward: torch's implicit
     reparameterisation gradient (``torch._dirichlet_grad``, as in
     ``torch.distributions.dirichlet._Dirichlet_backward``), carried back to y and β in
-    float64, with zero gradient where the floor applies; it equals autograd through the
-    unfused chain up to float rounding. One node instead of the distribution object, its
+    float64; where the floor applies the gradient is straight-through (the gradient at the
+    floor, so a tiny β_k still learns which way to move). Above the floor it equals autograd
+    through the unfused chain up to float rounding. The incoming gradient is never written
+    in place (other branches of the graph may share it). One node instead of the distribution object, its
     argument validation and about ten small autograd nodes: ~0.3–0.5 ms less per step in a
     CPU training step (BENCHMARKS.md).
     """
@@ -149,11 +163,12 @@ class _DirichletTargets(torch.autograd.Function):
         sample, conc = ctx.saved_tensors
         # Every small op costs ~10–30 µs inside a CPU training step, so this is written
         # with as few of them as the maths allows.
-        g = grad_out.to(sample.dtype)
+        # a copy even when grad_out is already float64: autograd may hand the same tensor to
+        # other branches, so it must not be modified in place
+        g = grad_out.to(sample.dtype, copy=True)
         g -= torch.linalg.vecdot(sample, g).unsqueeze(-1)  # project onto the simplex's tangent
         dconc = torch._dirichlet_grad(sample, conc, conc.sum(-1, True).expand_as(conc))
-        dconc *= g
-        dconc.masked_fill_(conc == MIN_CONCENTRATION, 0.0)  # floored entries: no gradient
+        dconc *= g  # floored entries: straight-through (the gradient at the floor)
         grad_y = (dconc * (ctx.scale * (1.0 - ctx.alpha))).to(grad_out.dtype) if ctx.needs_input_grad[0] else None
         grad_beta = None
         if ctx.needs_input_grad[1]:
@@ -166,7 +181,8 @@ def dirichlet_targets(y: Tensor, beta: Tensor, alpha: float, scale: float = 1.0)
 
     ``y``: N×K soft labels on the simplex; ``beta``: K positive. Uses torch's implicit
     reparameterisation gradients (Figurnov et al. 2018), as the paper does. Concentrations
-    are floored at ``MIN_CONCENTRATION`` (no gradient flows through a floored entry).
+    are floored at ``MIN_CONCENTRATION`` with a straight-through gradient; keep β ≥
+    ``beta_lower_bound(...)`` (the SPROUT method does) and the floor never binds.
     """
     if y.ndim != 2:
         raise ValueError(f"y must be N×K soft labels, got shape {tuple(y.shape)}")

@@ -162,3 +162,15 @@ def test_a_stray_partial_temp_file_from_a_killed_writer_is_harmless(tmp_path):
     assert same(load_checkpoint(tmp_path), good)
     save_checkpoint(tmp_path, state(2))
     assert load_checkpoint(tmp_path)["epoch"] == 2
+
+
+def test_encoded_bytes_are_the_file_format_and_decode_verifies_them(tmp_path):
+    """``encode_checkpoint``/``decode_checkpoint`` (used for object storage) are exactly the file's bytes."""
+    s = state(4)
+    save_checkpoint(tmp_path, s)
+    raw = (tmp_path / FILE).read_bytes()
+    assert ckpt.encode_checkpoint(s) == raw
+    assert same(ckpt.decode_checkpoint(raw, "s3://bucket/run/checkpoint.pt"), s)
+    with pytest.raises(CheckpointError, match="checksum") as e:
+        ckpt.decode_checkpoint(raw[:-1], "s3://bucket/run/checkpoint.pt")
+    assert "s3://bucket/run/checkpoint.pt" in str(e.value)

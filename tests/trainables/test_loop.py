@@ -11,6 +11,7 @@ from torch.utils.data import Subset
 
 from trainables import DATASETS
 from trainables.checkpoint import load_checkpoint, model_state_from
+from trainables.data.augment import random_crop_flip
 from trainables.loop import NonFiniteLossError, OptimConfig, fit, lr_at, train_epoch
 from trainables.methods import build_method
 
@@ -20,6 +21,7 @@ CASES = [
     ("natural", {}, 4),
     ("sprout", {"beta_lr": 0.5}, 4),
     ("free_at", {"replays": 2, "eps": 0.1}, 8),
+    ("natural+augment", {}, 4),  # data.augment: standard (pad-4 crop + flip) stays replayable
 ]
 
 
@@ -37,7 +39,8 @@ def small_sets():
 def run(make_cnn, sets, name, params, epochs, ckpt=None, stop_after=None, optim=None):
     """fit() from a fresh model; ``stop_after`` epochs kills it (after that epoch's checkpoint)."""
     model = make_cnn(seed=0)
-    method = build_method(name, params, num_classes=10, lr=0.05, seed=0)
+    augment = random_crop_flip if name.endswith("+augment") else None
+    method = build_method(name.removesuffix("+augment"), params, num_classes=10, lr=0.05, seed=0)
 
     def log(epoch, metrics):
         if stop_after is not None and epoch + 1 == stop_after:
@@ -46,7 +49,7 @@ def run(make_cnn, sets, name, params, epochs, ckpt=None, stop_after=None, optim=
     optim = optim or OptimConfig(lr=0.05)
     try:
         hist = fit(model, method, sets[0], sets[1], epochs=epochs, batch_size=48, optim=optim, seed=3,
-                   checkpoint_dir=ckpt, log=log)
+                   checkpoint_dir=ckpt, log=log, augment=augment)
     except Interrupted:
         hist = None
     return model, method, hist

@@ -126,7 +126,7 @@ def reference_dirichlet_targets(y, beta, alpha, scale):
 @pytest.mark.parametrize("alpha,scale", [*CONFIGS, (0.3, 0.7)])
 def test_fused_sampler_equals_torch_distributions_dirichlet(alpha, scale):
     """Same samples bit for bit (same kernel, same random stream); gradients equal to autograd
-    through the unfused chain up to float rounding, including the floor's zero gradient."""
+    through the unfused chain up to float rounding (floored entries: ≈ 0 either way)."""
     g = torch.Generator().manual_seed(12)
     y1 = F.one_hot(torch.randint(10, (64,), generator=g), 10).float()
     y = (0.7 * y1 + 0.3 * y1[torch.randperm(64, generator=g)]).requires_grad_(True)
@@ -171,12 +171,14 @@ def test_tiny_beta_gives_finite_samples_and_gradients():
     assert torch.isfinite(beta.grad).all()
 
 
-def test_floored_concentrations_pass_no_gradient():
+def test_floored_concentrations_get_a_finite_straight_through_gradient():
+    """Below the floor the public sampler passes the gradient at the floor (finite; the SPROUT
+    method never lets β get there: see test_fairness's small-β test)."""
     torch.manual_seed(14)
     beta = torch.tensor([1.0] * 9 + [1e-3], requires_grad=True)  # α·β₉ = 1e-5 < MIN_CONCENTRATION
     y = F.one_hot(torch.arange(50) % 5, 10).float()  # no mass on class 9
     soft_cross_entropy(torch.randn(50, 10), dirichlet_targets(y, beta, 0.01, 1.0)).backward()
-    assert beta.grad[9] == 0 and (beta.grad[:9] != 0).all()
+    assert torch.isfinite(beta.grad).all() and (beta.grad[:9] != 0).all()
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,11 @@ Label-smoothing and noise defences have a history of looking robust to PGD only 
 their gradients are uninformative. A model is flagged (never silently) when:
 
 - ``large_eps``: robust accuracy does not reach ≈ 0 at a large ε (an unbounded-enough
-  attack must always win);
-- ``square``: black-box Square beats the white-box attacks by more than a margin;
-- ``transfer``: examples transferred from another model beat the white-box attacks;
+  attack must always win); the tolerance is at most half of chance (1/(2K)), so it can fire
+  on ImageNet (K = 1000) too;
+- ``square``: black-box Square beats the white-box attacks by more than a margin, in aggregate
+  or per example (the fraction of examples Square breaks that white-box PGD left correct);
+- ``transfer``: examples transferred from another model beat the white-box attacks (likewise);
 - ``autoattack``: AutoAttack's own checks fired (Square broke points that APGD/FAB
   missed, zero gradients, randomness or a dynamic defence).
 
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 
 from trainables.attacks.autoattack import square
 from trainables.attacks.cw import cw_linf
-from trainables.attacks.pgd import BNMode, pgd_linf
+from trainables.attacks.pgd import BNMode, bn_mode, pgd_linf
 
 WHITEBOX_KEYS: tuple[str, ...] = ("masking/whitebox_acc", "test/pgd20_acc", "test/pgd100_acc", "test/pgd200_acc",
                                   "test/cw_linf_acc")
@@ -77,10 +79,13 @@ def whitebox_and_blackbox_correct(
     """Per-batch correct counts behind the checks (keys ``masking/*_acc``).
 
     White-box = robust to both PGD-CE and PGD on the C&W margin (per example), and to
-    ``whitebox_robust`` if the caller already ran other white-box attacks at ε.
+    ``whitebox_robust`` if the caller already ran other white-box attacks at ε. Per example,
+    ``masking/square_only_broken`` and ``masking/transfer_only_broken`` count the examples that
+    Square (transfer) breaks although every white-box attack left them correct. Predictions
+    are scored in eval mode whatever the caller's mode.
     """
     def robust_under(x_adv: Tensor, m: nn.Module = model) -> Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), bn_mode(m, "eval"):
             return m(x_adv).argmax(1) == y
 
     ss = 2.5 * eps / max(steps, 1)
@@ -91,19 +96,19 @@ def whitebox_and_blackbox_correct(
     big = robust_under(pgd_linf(model, x, y, eps=large_eps, step_size=2.5 * large_eps / max(steps, 1), steps=steps,
                                 loss="ce", bn=bn, generator=generator))
     sq = square(model, x, y, eps=eps, n_queries=square_queries, seed=seed, bn=bn)
+    sq_robust = sq.robust.to(wb.device)
     out = {
         "masking/whitebox_acc": int(wb.sum()),
         "masking/large_eps_acc": int(big.sum()),
         "masking/square_acc": sq.robust_count,
+        "masking/square_only_broken": int((wb & ~sq_robust).sum()),
     }
     if source is not None:
-        was = source.training
-        source.eval()
-        try:
-            x_tr = pgd_linf(source, x, y, eps=eps, step_size=ss, steps=steps, loss="ce", bn=bn, generator=generator)
-        finally:
-            source.train(was)
-        out["masking/transfer_acc"] = int(robust_under(x_tr).sum())
+        x_tr = pgd_linf(source, x, y, eps=eps, step_size=ss, steps=steps, loss="ce", bn="eval", generator=generator,
+                        keep="last")
+        tr = robust_under(x_tr)
+        out["masking/transfer_acc"] = int(tr.sum())
+        out["masking/transfer_only_broken"] = int((wb & ~tr).sum())
     return out
 
 
@@ -114,11 +119,15 @@ def masking_report(
     zero_tol: float = 0.05,
     large_eps: float | None = None,
     autoattack_warnings: Sequence[str] = (),
+    num_classes: int | None = None,
 ) -> MaskingReport:
     """Judge the checks from accuracies (fractions) keyed by SPEC §5 / ``masking/*`` names.
 
-    Only checks whose inputs are present are judged (and reported as flags).
+    Only checks whose inputs are present are judged (and reported as flags). With
+    ``num_classes`` K the large-ε tolerance is min(zero_tol, 1/(2K)).
     """
+    if num_classes:
+        zero_tol = min(zero_tol, 0.5 / num_classes)
     flags: dict[str, bool] = {}
     numbers: dict[str, float] = {}
     reasons: list[str] = []
@@ -143,6 +152,13 @@ def masking_report(
         flags[name] = v < whitebox - margin
         if flags[name]:
             reasons.append(f"{what}: accuracy {v:.3f} is below the white-box accuracy {whitebox:.3f} by more than {margin:g}")
+        only = acc.get(f"masking/{name}_only_broken")
+        if only is not None:
+            numbers[f"{name}_only_broken"] = only
+            if only > margin:
+                flags[name] = True
+                reasons.append(f"{what} broke {only:.3f} of the examples that every white-box attack left correct "
+                               f"(per example; more than {margin:g})")
     if "masking/autoattack_square_gain" in acc or autoattack_warnings:
         gain = acc.get("masking/autoattack_square_gain", 0.0)
         flags["autoattack"] = gain > AUTOATTACK_SQUARE_ALPHA or bool(autoattack_warnings)

@@ -53,6 +53,9 @@ def _per_example_loss(logits: Tensor, y: Tensor, loss: str, targeted: bool) -> T
     raise ValueError(f"PGD loss must be 'ce' or 'cw', got {loss!r}")
 
 
+KEEP_RULES = ("first_fooled", "last")
+
+
 def pgd_linf(
     model: nn.Module,
     x: Tensor,
@@ -67,23 +70,45 @@ def pgd_linf(
     targeted: bool = False,
     bn: BNMode = "eval",
     generator: torch.Generator | None = None,
+    keep: str = "first_fooled",
+    true_labels: Tensor | None = None,
 ) -> Tensor:
     """ℓ∞ PGD. Returns x_adv; with ``restarts`` > 1 keeps, per example, the worst case found.
 
     ``targeted``: ``y`` are target labels and the attack minimises their loss.
-    The worst case across restarts is judged by misclassification first, then loss.
+    "Fooled" means the prediction differs from the true label: ``true_labels`` when given
+    (what a targeted evaluation scores), else ``y`` (untargeted) or, for a targeted attack
+    without true labels, the prediction hits the target.
+    ``keep``: ``first_fooled`` (evaluation) returns, per example, the first iterate (random
+    start included) that fooled the model, since later steps may climb the loss and yet
+    return to the right class; examples never fooled get their last iterate. ``last``
+    returns the last iterate (what the training baselines' anchor repositories use).
+    Across restarts a fooling restart wins, then the higher loss.
     """
     if eps < 0 or step_size < 0 or steps < 0 or restarts < 1:
         raise ValueError(
             f"PGD needs eps >= 0, step_size >= 0, steps >= 0, restarts >= 1; "
             f"got eps={eps}, step_size={step_size}, steps={steps}, restarts={restarts}"
         )
+    if keep not in KEEP_RULES:
+        raise ValueError(f"PGD keep must be one of {list(KEEP_RULES)}, got {keep!r}")
     # Attack the bare module: a DistributedDataParallel wrapper must not see these
     # input-gradient passes (they would leave its gradient reduction half-prepared).
     model = getattr(model, "module", model)
     x = x.detach()
     if eps == 0 or steps == 0 and not random_start:
         return x.clone()
+    first = keep == "first_fooled"
+
+    def fooled(logits: Tensor) -> Tensor:
+        pred = logits.argmax(1)
+        if true_labels is not None:
+            return pred != true_labels
+        return pred == y if targeted else pred != y
+
+    def rows(mask: Tensor) -> Tensor:
+        return mask.view(-1, *([1] * (x.ndim - 1)))
+
     best = x.clone()
     best_score = torch.full((x.shape[0],), float("-inf"), device=x.device)
     with bn_mode(model, bn):
@@ -94,21 +119,32 @@ def pgd_linf(
                 x_adv = (x + delta).clamp(0.0, 1.0)
             else:
                 x_adv = x.clone()
+            found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            kept = x_adv.clone() if first else x_adv
             for _ in range(steps):
                 x_adv.requires_grad_(True)
-                obj = _per_example_loss(model(x_adv), y, loss, targeted).sum()
+                logits = model(x_adv)
+                if first:  # this forward scores the current iterate too: no extra pass
+                    with torch.no_grad():
+                        newly = fooled(logits.detach()) & ~found
+                        kept = torch.where(rows(newly), x_adv.detach(), kept)
+                        found |= newly
+                obj = _per_example_loss(logits, y, loss, targeted).sum()
                 (grad,) = torch.autograd.grad(obj, x_adv)
                 with torch.no_grad():
                     x_adv = x_adv + step_size * grad.sign()
                     x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
             x_adv = x_adv.detach()
-            if restarts == 1:
+            if restarts == 1 and not first:
                 return x_adv
             with torch.no_grad():
                 logits = model(x_adv)
-                wrong = (logits.argmax(1) == y) if targeted else (logits.argmax(1) != y)
+                out = torch.where(rows(found), kept, x_adv) if first else x_adv
+                wrong = found | fooled(logits)
+                if restarts == 1:
+                    return out
                 score = _per_example_loss(logits, y, loss, targeted) + 1e6 * wrong.float()
                 better = score > best_score
-                best[better] = x_adv[better]
+                best[better] = out[better]
                 best_score = torch.where(better, score, best_score)
     return best

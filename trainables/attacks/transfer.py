@@ -28,10 +28,11 @@ def transfer_pgd(
     bn: BNMode = "eval",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """PGD-ℓ∞ examples crafted on ``source`` (score them on any target model)."""
+    """PGD-ℓ∞ examples crafted on ``source`` (score them on any target model); the last iterate,
+    not the first that fools the source (a barely-fooling point transfers worse)."""
     ss = 2.5 * eps / max(steps, 1) if step_size is None else step_size
     return pgd_linf(source, x, y, eps=eps, step_size=ss, steps=steps, restarts=restarts,
-                    random_start=random_start, loss=loss, bn=bn, generator=generator)
+                    random_start=random_start, loss=loss, bn=bn, generator=generator, keep="last")
 
 
 def transfer_correct(

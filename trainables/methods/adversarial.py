@@ -6,7 +6,9 @@
 - free_at: Shafahi et al. 2019 — each minibatch replayed m times; δ carried across
   replays and minibatches, updated by ε·sign(∇_δ) from the same backward as θ.
 - fgsm_rs: Wong et al. 2020 — δ ~ U(−ε, ε), one FGSM step of 10/255, projected to ε.
-Each states the BatchNorm mode of its attack generation (``bn_mode``).
+Each states the BatchNorm mode of its attack generation (``bn_mode``); the θ update always
+runs in train mode. Budgets are validated in pixel units: 0 < ε ≤ 1, 0 < step ≤ ε (FGSM-RS:
+≤ 2ε, Wong et al.'s step is 1.25ε), step counts ≥ 1.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class PGDATParams:
         check_params(
             "pgd_at",
             self,
-            {"eps": ("ge", 0.0), "step_size": ("ge", 0.0), "steps": ("ge", 1), "bn_mode": ("in", BN_MODES)},
+            {"eps": ("eps", None), "step_size": ("step", "eps"), "steps": ("ge", 1), "bn_mode": ("in", BN_MODES)},
         )
 
 
@@ -51,7 +53,8 @@ class PGDAT(Method):
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         p = self.params
         x_adv = pgd_linf(
-            model, x, y, eps=p.eps, step_size=p.step_size, steps=p.steps, random_start=p.random_start, bn=p.bn_mode
+            model, x, y, eps=p.eps, step_size=p.step_size, steps=p.steps, random_start=p.random_start, bn=p.bn_mode,
+            keep="last",  # Madry et al. train on the last iterate
         )
         logits = model(x_adv)
         return StepOutput(F.cross_entropy(logits.float(), y), logits, y)
@@ -71,8 +74,8 @@ class TradesParams:
             self,
             {
                 "beta": ("ge", 0.0),
-                "eps": ("ge", 0.0),
-                "step_size": ("ge", 0.0),
+                "eps": ("eps", None),
+                "step_size": ("step", "eps"),
                 "steps": ("ge", 1),
                 "bn_mode": ("in", BN_MODES),
             },
@@ -123,7 +126,7 @@ class FreeATParams:
     bn_mode: str = "train"
 
     def __post_init__(self) -> None:
-        check_params("free_at", self, {"eps": ("ge", 0.0), "replays": ("ge", 1), "bn_mode": ("in", BN_MODES)})
+        check_params("free_at", self, {"eps": ("eps", None), "replays": ("ge", 1), "bn_mode": ("in", BN_MODES)})
 
 
 class FreeAT(Method):
@@ -136,6 +139,7 @@ class FreeAT(Method):
         self.epoch_divisor = self.params.replays
         self.delta: Tensor | None = None
         self._live: Tensor | None = None
+        self._delta_grad: Tensor | None = None
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         if self.delta is not None and self.delta.device != x.device:
@@ -146,18 +150,29 @@ class FreeAT(Method):
             pad = torch.zeros_like(x[: x.shape[0] - self.delta.shape[0]])
             self.delta = torch.cat([self.delta, pad])
         self._live = self.delta[: x.shape[0]].clone().requires_grad_(True)
-        x_adv = (x + self._live).clamp(0.0, 1.0)
-        with bn_mode(model, self.params.bn_mode):
-            logits = model(x_adv)
+        if self.params.bn_mode == "train":
+            # Shafahi et al.: one forward/backward gives both θ's and δ's gradients
+            logits = model((x + self._live).clamp(0.0, 1.0))
+            self._delta_grad = None
+        else:
+            # bn_mode eval is the attack's mode only: δ's gradient comes from an eval-mode pass,
+            # and θ still trains in train mode like every other method (one extra pass)
+            bare = getattr(model, "module", model)
+            with bn_mode(bare, "eval"):
+                adv = F.cross_entropy(bare((x + self._live).clamp(0.0, 1.0)).float(), y)
+            (self._delta_grad,) = torch.autograd.grad(adv, self._live)
+            logits = model((x + self._live.detach()).clamp(0.0, 1.0))
         return StepOutput(F.cross_entropy(logits.float(), y), logits, y)
 
     def after_step(self) -> None:
         live, self._live = self._live, None
-        if live is None or live.grad is None or self.delta is None:
+        grad = self._delta_grad if self._delta_grad is not None else (live.grad if live is not None else None)
+        self._delta_grad = None
+        if live is None or grad is None or self.delta is None:
             return
         eps = self.params.eps
         with torch.no_grad():
-            self.delta[: live.shape[0]] = (live + eps * live.grad.sign()).clamp(-eps, eps)
+            self.delta[: live.shape[0]] = (live + eps * grad.sign()).clamp(-eps, eps)
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.delta is None else {"delta": self.delta.detach().cpu().clone()}
@@ -174,7 +189,7 @@ class FGSMRSParams:
 
     def __post_init__(self) -> None:
         check_params(
-            "fgsm_rs", self, {"eps": ("ge", 0.0), "step_size": ("ge", 0.0), "bn_mode": ("in", BN_MODES)}
+            "fgsm_rs", self, {"eps": ("eps", None), "step_size": ("step", ("eps", 2.0)), "bn_mode": ("in", BN_MODES)}
         )
 
 
@@ -188,7 +203,7 @@ class FGSMRS(Method):
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         p = self.params
         x_adv = pgd_linf(
-            model, x, y, eps=p.eps, step_size=p.step_size, steps=1, random_start=True, bn=p.bn_mode
+            model, x, y, eps=p.eps, step_size=p.step_size, steps=1, random_start=True, bn=p.bn_mode, keep="last"
         )
         logits = model(x_adv)
         return StepOutput(F.cross_entropy(logits.float(), y), logits, y)

@@ -39,6 +39,8 @@ class Method(abc.ABC):
     replays: int = 1
     # the configured epoch count is divided by this (Free-AT: by m, as in Shafahi et al.)
     epoch_divisor: int = 1
+    # the validation metric its checkpoints are selected by (train.checkpoint_metric: null)
+    selection_metric: ClassVar[str] = "val/pgd_acc"
 
     @abc.abstractmethod
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
@@ -50,6 +52,10 @@ class Method(abc.ABC):
 
     def epoch_metrics(self) -> dict[str, float]:
         return {}
+
+    def set_lr(self, lr: float) -> None:
+        """The model's learning rate of this epoch; methods with their own optimizers follow it."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -63,7 +69,12 @@ class Method(abc.ABC):
 
 
 def check_params(section: str, params: Any, rules: dict[str, tuple[str, Any]]) -> None:
-    """Validate dataclass fields: rules name → (kind, bound); errors name ``section.field``."""
+    """Validate dataclass fields: rules name → (kind, bound); errors name ``section.field``.
+
+    Kinds: ``in`` (one of bound), ``unit`` ([0, 1]), ``ge``/``gt`` (≥/> bound), ``eps``
+    (a budget in pixel units of [0, 1] images: 0 < v ≤ 1) and ``step`` (a step size inside
+    the budget named by bound: 0 < v ≤ that field, or ≤ factor·field for ``(field, factor)``).
+    """
     for fname, (kind, bound) in rules.items():
         v = getattr(params, fname)
         if kind == "in":
@@ -72,6 +83,13 @@ def check_params(section: str, params: Any, rules: dict[str, tuple[str, Any]]) -
             ok, expect = False, "a number"
         elif kind == "unit":
             ok, expect = 0.0 <= v <= 1.0, "in [0, 1]"
+        elif kind == "eps":
+            ok, expect = 0.0 < v <= 1.0, "in (0, 1] (pixel units of images in [0, 1])"
+        elif kind == "step":
+            ref, factor = bound if isinstance(bound, tuple) else (bound, 1.0)
+            limit = factor * getattr(params, ref)
+            times = "" if factor == 1.0 else f"{factor:g}·"
+            ok, expect = 0.0 < v <= limit, f"> 0 and <= {times}{section}.{ref} = {limit:g} (pixel units)"
         elif kind == "ge":
             ok, expect = v >= bound, f">= {bound}"
         else:  # "gt"

@@ -20,6 +20,7 @@ class NaturalParams:
 class Natural(Method):
     name = "natural"
     Params = NaturalParams
+    selection_metric = "val/clean_acc"
 
     def __init__(self, params: NaturalParams | None = None, **_: object) -> None:
         self.params = params or NaturalParams()
@@ -40,6 +41,7 @@ class LabelSmoothingParams:
 class LabelSmoothing(Method):
     name = "label_smoothing"
     Params = LabelSmoothingParams
+    selection_metric = "val/clean_acc"
 
     def __init__(self, params: LabelSmoothingParams | None = None, *, num_classes: int, **_: object) -> None:
         self.params = params or LabelSmoothingParams()

@@ -85,3 +85,49 @@ def test_every_attack_stays_in_ball_and_box(natural_model, natural_model_b, digi
     assert (x_l2 - x).flatten(1).norm(dim=1).max() <= 1.0 + 1e-5
     assert x_l2.min() >= 0 and x_l2.max() <= 1
     assert torch.all(natural_model.training == torch.tensor(False))
+
+
+def test_quantised_model_is_flagged_per_example(masked_model, natural_model, digits_test):
+    """The per-example counts: examples Square / transfer break that every white-box attack left correct."""
+    r = run_suite(masked_model, digits_test, ["pgd20", "masking_checks"], CFG, source_model=natural_model)
+    acc = r.accuracies()
+    assert acc["masking/square_only_broken"] > CFG.masking_margin
+    assert acc["masking/transfer_only_broken"] > CFG.masking_margin
+    report = r.masking()
+    assert report.flags["square"] and report.flags["transfer"]
+    assert any("per example" in reason for reason in report.reasons)
+
+
+def test_per_example_flags_fire_when_aggregates_agree():
+    """Square breaks other points than PGD: equal aggregate accuracies, yet masking."""
+    acc = {"test/pgd20_acc": 0.40, "masking/square_acc": 0.40, "masking/square_only_broken": 0.10,
+           "masking/large_eps_acc": 0.0}
+    rep = masking_report(acc)
+    assert rep.flags["square"] and rep.numbers["square_only_broken"] == 0.10
+    assert not masking_report({**acc, "masking/square_only_broken": 0.0}).flags["square"]
+
+
+def test_large_eps_tolerance_scales_with_the_number_of_classes():
+    """At K = 1000 (ImageNet) chance is 0.001 < the default 0.05: the flag must still be able to fire."""
+    acc = {"masking/large_eps_acc": 0.02}
+    assert not masking_report(acc).flags["large_eps"]
+    assert masking_report(acc, num_classes=1000).flags["large_eps"]
+    assert not masking_report({"masking/large_eps_acc": 0.0}, num_classes=1000).flags["large_eps"]
+
+
+def test_masking_helpers_score_in_eval_mode_whatever_the_callers_mode(natural_model, digits_test):
+    from torch import nn
+
+    from trainables.attacks.masking import whitebox_and_blackbox_correct
+
+    x, y = digits_test[0][:24], digits_test[1][:24]
+    import copy
+
+    model = nn.Sequential(copy.deepcopy(natural_model), nn.Dropout(0.9)).eval()  # the fixture stays untouched
+    kw = dict(eps=0.1, large_eps=0.5, steps=5, square_queries=50, generator=None, seed=0)
+    torch.manual_seed(0)
+    ref = whitebox_and_blackbox_correct(model, x, y, **kw)
+    model.train()  # dropout on: unless forced to eval mode, predictions would be noise
+    torch.manual_seed(0)
+    got = whitebox_and_blackbox_correct(model, x, y, **kw)
+    assert model.training and got == ref

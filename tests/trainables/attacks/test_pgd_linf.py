@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from trainables import ATTACKS, DATASETS, MODELS
 from trainables.attacks.pgd import bn_mode, cw_margin_loss, pgd_linf
@@ -35,7 +35,7 @@ def test_pgd_stays_in_the_eps_ball_and_the_unit_box(batch, model, restarts, loss
     eps = 0.1
     target = (y + 1) % 10
     x_adv = pgd_linf(model, x, target if targeted else y, eps=eps, step_size=0.04, steps=5, restarts=restarts,
-                     loss=loss, targeted=targeted, random_start=random_start)
+                     loss=loss, targeted=targeted, random_start=random_start, keep="last")
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
     assert (x_adv - x).abs().max() <= eps + 1e-6
     assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
@@ -156,3 +156,38 @@ def test_registered_training_attacks_stay_in_the_ball(batch, model):
     for name, kw in [("pgd", dict(eps=0.05, steps=3)), ("fgsm_rs", dict(eps=0.05))]:
         x_adv = ATTACKS[name](**kw)(model, x, y)
         assert (x_adv - x).abs().max() <= 0.05 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+@pytest.mark.parametrize("restarts", [1, 3])
+def test_first_fooled_iterate_never_reports_higher_accuracy_than_the_last_iterate(batch, trained, restarts):
+    """Same seed, same trajectory: keeping each example's first misclassified iterate can only
+    lower the robust accuracy (a later step may climb the loss yet return to the right class)."""
+    x, y = batch
+
+    def acc(keep: str) -> Tensor:
+        x_adv = pgd_linf(trained, x, y, eps=0.1, step_size=0.05, steps=10, restarts=restarts, keep=keep,
+                         generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            return trained(x_adv).argmax(1) == y
+
+    first, last = acc("first_fooled"), acc("last")
+    assert (first <= last).all()  # per example, not just on average
+    if restarts == 1:  # on this model and seed the last iterate really does return to the right class
+        assert (first < last).any()
+    with pytest.raises(ValueError, match="keep"):
+        pgd_linf(trained, x, y, eps=0.1, step_size=0.05, steps=1, keep="best")
+
+
+def test_targeted_restarts_choose_by_the_true_label(batch, trained):
+    """A restart that fools the true label wins even when no restart reaches the target."""
+    x, y = batch
+    targets = (y + 3) % 10
+
+    def acc(true_labels) -> Tensor:
+        x_adv = pgd_linf(trained, x, targets, eps=0.08, step_size=0.02, steps=5, restarts=3, targeted=True,
+                         true_labels=true_labels, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            return trained(x_adv).argmax(1) == y
+
+    by_true, by_target = acc(y), acc(None)
+    assert (by_true <= by_target).all() and (by_true < by_target).any()

@@ -37,7 +37,7 @@ def test_beta_moves_uphill_and_by_exactly_one_ascent_step(seed, digits_train, ma
     method.after_step()
     assert method.beta.grad is None  # consumed
     # gradient *ascent*: β ← max(β + γ_β·∇_β L, β_min)
-    assert torch.allclose(method.beta.detach(), (before + lr * grad).clamp_min(method.params.beta_min), atol=1e-7)
+    assert torch.allclose(method.beta.detach(), (before + lr * grad).clamp_min(method.beta_floor), atol=1e-7)
     loss_after = fixed_noise_loss(method, model, x, y, 100 + seed)
     assert loss_after >= loss_before, (loss_before, loss_after)
     assert not torch.equal(method.beta.detach(), before)
@@ -68,7 +68,7 @@ def test_beta_update_is_bitwise_the_sgd_ascent_step(digits_batch, cnn):
     sgd = torch.optim.SGD([twin], lr=0.37, maximize=True)
     sgd.step()
     with torch.no_grad():
-        twin.clamp_(min=method.params.beta_min)
+        twin.clamp_(min=method.beta_floor)
     method.after_step()
     assert torch.equal(method.beta.detach(), twin.detach())
 
