@@ -11,7 +11,9 @@ import os
 import sys
 from typing import Any
 
+from orchestrator import tracking
 from orchestrator.config import ATTACK_NAMES, ConfigError, load_config
+from orchestrator.console import console
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,6 +28,11 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help="override a dotted config key; the value is parsed as YAML (repeatable)")
 
 
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="stream Ray's and the workers' output here instead of to the log file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sprout", description="SPROUT and robust-training baselines on Ray Train/Tune with MLflow")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -37,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="one Ray Train run; re-running the same --name resumes it")
     _add_config(p)
     p.add_argument("--name", help="run name (Ray run directory and MLflow run); default: method-model-data-time")
+    _add_verbose(p)
 
     p = sub.add_parser("eval", help="the evaluation suite on a trained model, logged to its MLflow run")
     p.add_argument("checkpoint", nargs="?", help="a checkpoint directory (needs --config)")
@@ -46,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", help="comma-separated: " + ",".join(ATTACK_NAMES))
     p.add_argument("--n-examples", type=int, help="evaluate on the first N test examples (seeded subset)")
     p.add_argument("--shards", type=int, help="Ray tasks to shard the examples over (default eval.num_shards)")
+    _add_verbose(p)
 
     p = sub.add_parser("sweep", help="a Ray Tune sweep; each trial a Ray Train run; re-running resumes")
     _add_config(p)
@@ -54,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=["asha", "fifo"], help="default tune.scheduler")
     p.add_argument("--search", choices=["random", "optuna"], help="default tune.search")
     p.add_argument("--name", help="sweep name (Tune experiment and MLflow parent run)")
+    _add_verbose(p)
 
     p = sub.add_parser("compare", help="train and evaluate several methods side by side; write the report")
     _add_config(p)
@@ -63,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="comparison name (MLflow parent run)")
     p.add_argument("--attacks", help="override eval.attacks (comma-separated)")
     p.add_argument("--n-examples", type=int, help="test examples per evaluation")
+    _add_verbose(p)
 
     p = sub.add_parser("prepare-data", help="convert an ImageNet folder into Parquet shards for Ray Data")
     p.add_argument("dataset", help="only 'imagenet'")
@@ -78,39 +89,78 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from orchestrator.session import available_resources, check_plan, plan_for
+    from orchestrator.session import check_plan, cluster_capacity, plan_for
 
     cfg = load_config(args.config, args.overrides)
     plan = plan_for(cfg)
-    check_plan(plan, available_resources(connect=args.connect))
+    capacity = cluster_capacity(connect=args.connect)
+    check_plan(plan, capacity)
     print(cfg.to_yaml(), end="")
     print(f"# resource plan: {plan.describe()}")
+    if capacity.autoscaler:
+        limit = "unknown" if capacity.maximum is None else _res(capacity.maximum)
+        print(f"# autoscaling cluster: up now {_res(capacity.now)}; maximum {limit} ({capacity.source})")
     print(f"# storage: {cfg.storage.path}   mlflow: {os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///mlflow.db'}")
     return 0
 
 
+def _preflight(cfg: Any) -> None:
+    """Before Ray or MLflow is touched: the MLflow server answers and accepts the credentials, and
+    ``storage.path`` takes a marker written and read back (issue 12). Failures exit 2, one line."""
+    from orchestrator import storage, tracking
+
+    tracking.check_reachable()
+    try:
+        storage.preflight(cfg.storage.path)
+    except storage.StorageError as e:
+        raise ConfigError(str(e)) from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.runner import default_name, run_training, safe_name
-    from orchestrator.session import available_resources, check_plan, plan_for
+    from orchestrator.session import check_plan, cluster_capacity, plan_for
 
     cfg = load_config(args.config, args.overrides)
+    from orchestrator.config import checkpoint_metric, require_transfer_source
+
     name = safe_name(args.name) if args.name else default_name(cfg)
-    check_plan(plan_for(cfg), available_resources())
-    out = run_training(cfg, name)
-    print(f"run {out.name}: MLflow run {out.run_id}{' (resumed)' if out.resumed else ''}")
-    for k in sorted(out.metrics):
-        if "/" in k:
-            print(f"  {k} = {out.metrics[k]:.4f}")
-    print(f"  best checkpoint (by {cfg.train.checkpoint_metric} on the validation split): {out.best_checkpoint_path}")
+    capacity = cluster_capacity()
+    check_plan(plan_for(cfg), capacity)
+    require_transfer_source(cfg)  # transfer needs eval.transfer_source outside compare (exit 2)
+    _preflight(cfg)
+    _start_log(args, cfg, name)
+    out = run_training(cfg, name, wait_for_nodes=capacity.autoscaler)
+    metric = checkpoint_metric(cfg)
+    best = out.metrics.get(metric)
+    console.out(f"run {out.name} finished{' (resumed)' if out.resumed else ''}: selected by {metric} on the "
+                f"validation split" + (f" = {best:.4f}" if best is not None else "") + f"; checkpoint {out.best_checkpoint_path}")
     if cfg.eval.attacks and out.best_checkpoint_path:
         from orchestrator.evaluate import evaluate_states, log_evaluation
-        from trainables.checkpoint import load_checkpoint
+        from orchestrator.storage import load_checkpoint
 
         state = load_checkpoint(out.best_checkpoint_path)
-        result = evaluate_states(cfg, state["model"], attacks=list(cfg.eval.attacks))
+        result = evaluate_states(cfg, state["model"], attacks=list(cfg.eval.attacks), label=name)
         log_evaluation(out.run_id, result, cfg=cfg, state=state)
-        print(result.summary())
+        console.out(result.summary())
+    console.out(f"MLflow run: {tracking.run_url(out.run_id)}")
     return 0
+
+
+def _start_log(args: argparse.Namespace, cfg: Any, name: str) -> None:
+    """Unless --verbose (or called in-process, as tests do): Ray's and the workers' output to a
+    log file beside the run's checkpoints (local storage; else ~/.cache/sprout/logs)."""
+    import time
+    from pathlib import Path
+
+    if getattr(args, "verbose", False) or not getattr(args, "capture", False):
+        return
+    local = cfg is not None and "://" not in cfg.storage.path
+    root = Path(cfg.storage.path) if local else Path.home() / ".cache" / "sprout" / "logs"
+    console.capture(root / name / "logs" / f"sprout-{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.log")
+
+
+def _res(res: dict[str, float]) -> str:
+    return ", ".join(f"{res.get(k, 0.0):g} {k}" for k in ("CPU", "GPU"))
 
 
 def _attacks(text: str | None) -> list[str] | None:
@@ -132,15 +182,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if bool(args.run_id) == bool(args.checkpoint):
         raise ConfigError("eval: give exactly one of CHECKPOINT (with --config) or --run-id")
     if args.run_id:
+        _start_log(args, None, f"eval-{args.run_id}")
         evaluate_run(args.run_id, attacks=attacks, n_examples=args.n_examples, num_shards=args.shards)
+        console.out(f"MLflow run: {tracking.run_url(args.run_id)}")
         return 0
     if not args.config:
         raise ConfigError("eval CHECKPOINT needs --config (the config the checkpoint was trained with)")
     cfg = load_config(args.config, args.overrides)
+    _start_log(args, cfg, f"eval-{os.path.basename(os.path.normpath(args.checkpoint))}")
     run_id, _ = evaluate_checkpoint(args.checkpoint, cfg, attacks=attacks, n_examples=args.n_examples,
                                     num_shards=args.shards)
-    print(f"logged to MLflow run {run_id}")
+    console.out(f"MLflow run: {tracking.run_url(run_id)}")
     return 0
+
+
+def _check_tune_plan(cfg: Any) -> None:
+    """A sweep's or comparison's trial must fit the cluster's maximum (exit 2 otherwise)."""
+    from orchestrator.session import check_plan, cluster_capacity, plan_for
+
+    check_plan(plan_for(cfg, tune=True), cluster_capacity())
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -156,27 +216,39 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.samples is not None and args.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {args.samples}")
     name = safe_name(args.name or f"sweep-{args.space}-{cfg.data.name}")
+    _check_tune_plan(cfg)  # before the preflight writes its marker under storage.path
+    _preflight(cfg)
+    _start_log(args, cfg, name)
     out = run_sweep(cfg, args.space, name=name, samples=args.samples, scheduler=args.scheduler, search=args.search)
-    print(f"sweep {name}: MLflow parent run {out['parent_run_id']}, {len(out['rows'])} trial(s)")
+    console.out(f"sweep {name}: {len(out['rows'])} trial(s)")
     if out.get("best"):
-        print("best:", {k: v for k, v in out["best"].items()})
+        console.out("best: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in out["best"].items()))
+    console.out(f"MLflow parent run: {tracking.run_url(out['parent_run_id'])}")
+    failed = [r for r in out["rows"] if r.get("error")]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(out['rows'])} trial(s) failed (first: trial "
+                           f"{failed[0]['trial_id']}, {failed[0]['error']}); the parent run is FAILED")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from orchestrator.compare import format_table, parse_methods, run_compare
+    from orchestrator.compare import console_table, parse_methods, run_compare
     from orchestrator.runner import safe_name
 
     cfg = load_config(args.config, args.overrides)
     methods = parse_methods(args.methods)
     attacks = _attacks(args.attacks)
     name = safe_name(args.name or f"compare-{cfg.data.name}-{cfg.model.name}")
+    _check_tune_plan(cfg)
+    _preflight(cfg)
+    _start_log(args, cfg, name)
     out = run_compare(cfg, methods, name=name, sprout_init=args.sprout_init, attacks=attacks,
                       n_examples=args.n_examples)
-    print()
-    print(format_table(out["rows"]))
-    print(f"\nMLflow parent run {out['parent_run_id']} (experiment {cfg.experiment!r}); "
-          "report/comparison.md and .csv are its artifacts. Open the UI with: make ui  (http://127.0.0.1:5000)")
+    console.out()
+    console.out(console_table(out["rows"], cfg))
+    console.out(f"\nreport/comparison.md and .csv are artifacts of the parent run; open it with `make ui`:\n"
+                f"MLflow parent run: {tracking.run_url(out['parent_run_id'])}")
     return 0
 
 
@@ -206,6 +278,8 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # a real command line (not a call from Python, e.g. a test) sends Ray's output to a log file
+    args.capture = argv is None
     import signal
     import threading
 
@@ -216,16 +290,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:
-        print(f"sprout: config error: {e}", file=sys.stderr)
+        console.say(f"sprout: config error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("sprout: interrupted; the last epoch's checkpoint is kept: re-run the same command to resume",
-              file=sys.stderr)
+        console.say("sprout: interrupted; the last epoch's checkpoint is kept: re-run the same command to resume")
         return 130
     except Exception as e:  # noqa: BLE001 - a failed run: one clear line, exit 1
         if os.environ.get("SPROUT_TRACEBACK"):
             raise
-        print(f"sprout: {args.command} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        tail = console.tail()
+        if tail:
+            console.say(f"last lines of the log {console.log_path}:")
+            for line in tail:
+                console.say(f"  | {line[:400]}")
+        console.say(f"sprout: {args.command} failed: {type(e).__name__}: {e}")
         return 1
 
 

@@ -9,14 +9,15 @@ run's MLflow record (or a new run for a bare checkpoint).
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from orchestrator import tracking
-
-SHARD_CPUS = 0.5
+from orchestrator.console import console
+from trainables.evaluation import EvalResult
 
 
 def eval_config(cfg: Any, attacks: list[str] | None = None, n_examples: int | None = None,
@@ -26,6 +27,7 @@ def eval_config(cfg: Any, attacks: list[str] | None = None, n_examples: int | No
     e = cfg.eval
     return EvalConfig(
         eps=e.eps,
+        autoattack_eps=e.autoattack_eps,
         pgd_step_rule="eps/5" if e.step_size_rule == "paper" else "2.5eps/steps",
         pgd_restarts=e.restarts,
         cw_l2_budgets=tuple(e.cw_l2_budgets),
@@ -47,46 +49,178 @@ def load_model(cfg: Any, state: dict[str, Any]) -> torch.nn.Module:
     return model.eval()
 
 
+def shard_options(cfg: Any) -> dict[str, Any]:
+    """Ray task options of one evaluation shard: a training worker's resources (its GPU when
+    ``scaling.use_gpu``, its accelerator type), so shards run where training ran, not on the head."""
+    sc = cfg.scaling
+    opts: dict[str, Any] = {"num_cpus": sc.cpus_per_worker, "num_gpus": sc.gpus_per_worker if sc.use_gpu else 0}
+    if sc.accelerator_type:
+        opts["accelerator_type"] = sc.accelerator_type
+    return opts
+
+
 def _eval_shard(cfg_dict: dict, state: dict, source_state: dict | None, source_cfg: dict | None,
                 attacks: list[str], n_examples: int | None, shard: int, num_shards: int,
-                progress: bool = False) -> dict:
+                progress: Any = None, key: str = "") -> dict:
+    """One shard of the suite, in a Ray task on a worker node: exact counts and where it ran."""
+    import ray
+
     from orchestrator.config import from_dict
     from orchestrator.worker import datasets
     from trainables.evaluation import run_suite
 
-    torch.set_num_threads(1)
     cfg = from_dict(cfg_dict)
+    use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
+    torch.set_num_threads(max(1, round(cfg.scaling.cpus_per_worker)))
     model = load_model(cfg, state)
     source = load_model(from_dict(source_cfg), source_state) if source_state is not None else None
     test = datasets(cfg, ("test",))["test"]
-    res = run_suite(model, test, attacks, eval_config(cfg, attacks, n_examples, progress), source_model=source,
-                    shard=shard, num_shards=num_shards, device="cpu" if not torch.cuda.is_available() else None)
-    return res.to_dict()
+
+    def on_block(done: int, total: int) -> None:
+        if progress is not None:
+            progress.update.remote(key, shard, done, total)
+
+    res = run_suite(model, test, attacks, eval_config(cfg, attacks, n_examples), source_model=source,
+                    shard=shard, num_shards=num_shards, device="cuda" if use_gpu else "cpu", on_block=on_block)
+    return {"result": res.to_dict(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
-def evaluate_states(cfg: Any, state: dict, *, attacks: list[str], n_examples: int | None = None,
-                    source: tuple[Any, dict] | None = None, num_shards: int | None = None) -> Any:
-    """Run the suite over ``num_shards`` Ray tasks (1: in this process) and sum the counts."""
-    from trainables.evaluation import EvalResult
+def resolve_transfer_source(cfg: Any) -> tuple[Any, dict]:
+    """(config, model state) of eval.transfer_source: an MLflow run id (its config.yaml and
+    selected checkpoint) or a checkpoint path (a model of the evaluated config's architecture)."""
+    import yaml
 
-    shards = num_shards or cfg.eval.num_shards
-    if "transfer" in attacks and source is None:
-        attacks = [a for a in attacks if a != "transfer"]
-    src_state = source[1] if source else None
-    src_cfg = source[0].to_dict() if source else None
-    args = (cfg.to_dict(), state, src_state, src_cfg, attacks, n_examples)
-    if shards == 1:
-        import sys
+    from orchestrator.config import ConfigError, from_dict, require_transfer_source
 
-        return EvalResult.from_dict(_eval_shard(*args, 0, 1, progress=sys.stderr.isatty()))
+    require_transfer_source(cfg, ["transfer"])
+    src = cfg.eval.transfer_source
+    if "://" in src or Path(src).expanduser().exists():
+        return cfg, _load_checkpoint(src)["model"]
+    c = tracking.client()
+    try:
+        run = c.get_run(src)
+    except Exception as e:  # noqa: BLE001 - MLflow raises its own exception types
+        raise ConfigError(f"eval.transfer_source {src!r}: neither a checkpoint path nor an MLflow run at "
+                          f"{tracking.tracking_uri()} ({type(e).__name__})") from None
+    ckpt = run.data.tags.get("sprout.selected_checkpoint")
+    if not ckpt:
+        raise ConfigError(f"eval.transfer_source {src!r}: the run has no selected checkpoint (tag sprout.selected_checkpoint)")
+    with tempfile.TemporaryDirectory() as d:
+        src_cfg = from_dict(yaml.safe_load(Path(c.download_artifacts(src, "config.yaml", d)).read_text()))
+    return src_cfg, _load_checkpoint(ckpt)["model"]
+
+
+def _load_checkpoint(path: str) -> dict:
+    from orchestrator.storage import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+@dataclass
+class ShardedResult(EvalResult):
+    """The summed counts of an evaluation, plus the Ray nodes its shards ran on."""
+
+    node_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalJob:
+    """One model to evaluate: its config, model state, attacks and transfer source (cfg, state)."""
+
+    cfg: Any
+    state: dict
+    attacks: list[str]
+    source: tuple[Any, dict] | None = None
+
+
+class _Progress:
+    """Blocks done per (model, shard), reported by the shards while they run (one bar for the suite)."""
+
+    def __init__(self) -> None:
+        self.done: dict[tuple[str, int], tuple[int, int]] = {}
+
+    def update(self, key: str, shard: int, done: int, total: int) -> None:
+        self.done[(key, shard)] = (done, total)
+
+    def snapshot(self) -> dict[tuple[str, int], tuple[int, int]]:
+        return dict(self.done)
+
+
+def evaluate_jobs(jobs: dict[str, EvalJob], *, n_examples: int | None = None,
+                  num_shards: int | None = None) -> dict[str, ShardedResult]:
+    """Every job's suite as Ray tasks with training workers' resources (never in this driver,
+    which on a cluster is the CPU head), ``num_shards`` per model (default ``eval.num_shards``,
+    else as many as training workers); counts are summed, never averaged."""
+    import time
+
     import ray
 
     from orchestrator.session import ensure_ray
 
     ensure_ray()
-    task = ray.remote(num_cpus=SHARD_CPUS, num_gpus=0.25 if cfg.scaling.use_gpu else 0)(_eval_shard)
-    refs = [task.remote(*args, i, shards) for i in range(shards)]
-    return sum(EvalResult.from_dict(r) for r in ray.get(refs))
+    progress = ray.remote(num_cpus=0)(_Progress).remote()
+    refs: dict[Any, str] = {}
+    n_shards: dict[str, int] = {}
+    shared: dict[int, Any] = {}  # one object-store copy of a source model used by every job
+    for key, job in jobs.items():
+        shards = n_shards[key] = num_shards or job.cfg.eval.num_shards or job.cfg.scaling.num_workers
+        task = ray.remote(**shard_options(job.cfg))(_eval_shard)
+        state_ref = ray.put(job.state)
+        src_cfg = src_ref = None
+        if job.source is not None:
+            src_cfg = job.source[0].to_dict()
+            src_ref = shared.setdefault(id(job.source[1]), ray.put(job.source[1]))
+        for i in range(shards):
+            ref = task.remote(job.cfg.to_dict(), state_ref, src_ref, src_cfg, job.attacks, n_examples, i, shards,
+                              progress, key)
+            refs[ref] = key
+    parts: dict[str, list[dict]] = {k: [] for k in jobs}
+    tty = console.tty
+    bar = _bar(len(jobs), tty)
+    t0 = time.perf_counter()
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            for ref in ready:
+                key = refs[ref]
+                parts[key].append(ray.get(ref))
+                if len(parts[key]) == n_shards[key] and not tty:
+                    console.say(f"eval {key}: {n_shards[key]} shard(s) done, {time.perf_counter() - t0:.0f} s")
+            if bar is not None:
+                snap = ray.get(progress.snapshot.remote())
+                bar.total = max(sum(t for _, t in snap.values()), 1)
+                bar.n = sum(d for d, _ in snap.values())
+                bar.set_postfix_str(", ".join(f"{k} {len(v)}/{n_shards[k]}" for k, v in parts.items()))
+                bar.refresh()
+    finally:
+        if bar is not None:
+            bar.close()
+        ray.kill(progress)
+    out = {}
+    for key, got in parts.items():
+        total = sum(EvalResult.from_dict(g["result"]) for g in got)
+        out[key] = ShardedResult(**total.to_dict(), node_ids=sorted({g["node_id"] for g in got}))
+    return out
+
+
+def _bar(n_models: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=1, desc=f"evaluating {n_models} model(s)", leave=False, dynamic_ncols=True, unit="block",
+                file=console.err)
+
+
+def evaluate_states(cfg: Any, state: dict, *, attacks: list[str], n_examples: int | None = None,
+                    source: tuple[Any, dict] | None = None, num_shards: int | None = None,
+                    label: str = "model") -> ShardedResult:
+    """The suite on one model, sharded over Ray tasks (see :func:`evaluate_jobs`)."""
+    if "transfer" in attacks and source is None:
+        source = resolve_transfer_source(cfg)  # never a silent drop: no source is a ConfigError
+    return evaluate_jobs({label: EvalJob(cfg, state, list(attacks), source)}, n_examples=n_examples,
+                         num_shards=num_shards)[label]
 
 
 def log_evaluation(run_id: str, result: Any, *, cfg: Any, state: dict[str, Any] | None = None) -> dict[str, float]:
@@ -104,6 +238,8 @@ def log_evaluation(run_id: str, result: Any, *, cfg: Any, state: dict[str, Any] 
     for k, v in flags.items():
         c.set_tag(run_id, f"masking.{k}", str(bool(v)).lower())
     c.set_tag(run_id, "masking.flagged", str(bool(getattr(report, "flagged", any(flags.values())))).lower())
+    if getattr(result, "node_ids", None):
+        c.set_tag(run_id, "sprout.eval_nodes", ",".join(result.node_ids))  # where the shards ran
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "evaluation.txt"
         p.write_text(result.summary() + "\n")
@@ -139,7 +275,7 @@ def evaluate_run(run_id: str, *, attacks: list[str] | None = None, n_examples: i
     import yaml
 
     from orchestrator.config import ConfigError, from_dict
-    from trainables.checkpoint import load_checkpoint
+    from orchestrator.storage import load_checkpoint
 
     c = tracking.client()
     try:
@@ -156,16 +292,18 @@ def evaluate_run(run_id: str, *, attacks: list[str] | None = None, n_examples: i
     attacks = attacks or list(cfg.eval.attacks)
     result = evaluate_states(cfg, full["model"], attacks=attacks, n_examples=n_examples, num_shards=num_shards)
     metrics = log_evaluation(run_id, result, cfg=cfg, state=full)
-    print(result.summary())
+    console.out(result.summary())
     return metrics
 
 
 def evaluate_checkpoint(path: str, cfg: Any, *, attacks: list[str] | None = None, n_examples: int | None = None,
                         num_shards: int | None = None) -> tuple[str, dict[str, float]]:
     """``sprout eval CHECKPOINT --config C``: a new MLflow run holding the evaluation."""
+    from orchestrator.config import require_transfer_source
     from orchestrator.runner import run_tags
-    from trainables.checkpoint import load_checkpoint
+    from orchestrator.storage import load_checkpoint
 
+    require_transfer_source(cfg, attacks or list(cfg.eval.attacks))  # before any run is created
     full = load_checkpoint(path)
     c = tracking.client()
     exp_id = tracking.experiment_id(c, cfg.experiment)
@@ -176,5 +314,5 @@ def evaluate_checkpoint(path: str, cfg: Any, *, attacks: list[str] | None = None
     result = evaluate_states(cfg, full["model"], attacks=attacks, n_examples=n_examples, num_shards=num_shards)
     metrics = log_evaluation(run.info.run_id, result, cfg=cfg, state=full)
     c.set_terminated(run.info.run_id)
-    print(result.summary())
+    console.out(result.summary())
     return run.info.run_id, metrics

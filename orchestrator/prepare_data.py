@@ -357,10 +357,12 @@ def finished_shard(fs: pafs.FileSystem, base: str, plan: ShardPlan) -> tuple[int
 
 def open_destination(dst: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, base path) for a local path or a pyarrow filesystem URI."""
+    from orchestrator import storage  # the one storage layer (endpoint from AWS_ENDPOINT_URL, timeouts)
+
     if "://" in dst:
         try:
-            return pafs.FileSystem.from_uri(dst)
-        except (pa.ArrowException, OSError, ValueError) as e:
+            return storage.filesystem(dst)
+        except (storage.StorageError, pa.ArrowException, ValueError) as e:
             raise ValueError(f"DST {dst!r} is not a usable pyarrow filesystem URI: {e}") from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(dst))
 

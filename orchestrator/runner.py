@@ -7,6 +7,7 @@ directory and the same MLflow run, so a re-run resumes instead of starting over.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import tracking
+from orchestrator import storage, tracking
 from orchestrator.session import ensure_ray, plan_for
 
 
@@ -103,7 +104,7 @@ def fit_trainer(cfg: Any, name: str, run_id: str, *, in_tune: bool = False) -> A
         from orchestrator.ray_data import imagenet_parquet_datasets
 
         datasets = imagenet_parquet_datasets(
-            cfg.data.root, seed=cfg.train.seed, val_fraction=cfg.data.val_fraction,
+            cfg.data.root, seed=cfg.data.split_seed, val_fraction=cfg.data.val_fraction,
             image_size=cfg.data.image_size or 224, split_names=("train", "val"),
         )
     class _Trainer(TorchTrainer):
@@ -121,12 +122,11 @@ def fit_trainer(cfg: Any, name: str, run_id: str, *, in_tune: bool = False) -> A
             "name": name,
             "mlflow_uri": tracking.tracking_uri(),
             "mlflow_run_id": run_id,
-            "mlflow_fallback": str(Path(storage_path(cfg)) / name / "mlflow_pending.jsonl")
-            if "://" not in storage_path(cfg) else None,
+            "mlflow_fallback": storage.join(storage_path(cfg), name, "mlflow_pending.jsonl"),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
-            placement_strategy=s.placement_strategy,
+            placement_strategy=s.placement_strategy, accelerator_type=s.accelerator_type,
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -166,12 +166,17 @@ def _short(error: BaseException, cfg: Any) -> str:
 
 
 def _score_attr(cfg: Any) -> str:
-    if cfg.train.checkpoint_metric == "val/pgd_acc" and (cfg.train.val_pgd_steps == 0 or cfg.eval.eps == 0):
-        return "val/clean_acc"
-    return cfg.train.checkpoint_metric
+    """The metric checkpoints are ranked by: ``config.checkpoint_metric`` (per method by default)."""
+    from orchestrator.config import checkpoint_metric
+
+    metric = checkpoint_metric(cfg)
+    if metric == "val/pgd_acc" and (cfg.train.val_pgd_steps == 0 or cfg.eval.eps == 0):
+        return "val/clean_acc"  # no PGD validation is run
+    return metric
 
 
 def best_checkpoint_path(result: Any, cfg: Any) -> str | None:
+    """The selected checkpoint's full location (a path, or ``s3://bucket/...``; never Ray's scheme-less path)."""
     attr = _score_attr(cfg)
     best = None
     for ckpt, metrics in getattr(result, "best_checkpoints", None) or []:
@@ -179,46 +184,95 @@ def best_checkpoint_path(result: Any, cfg: Any) -> str | None:
         if score is not None and (best is None or score > best[1]):
             best = (ckpt, score)
     if best is not None:
-        return best[0].path
-    return result.checkpoint.path if result.checkpoint is not None else None
+        return storage.checkpoint_uri(best[0], storage_path(cfg))
+    return storage.checkpoint_uri(result.checkpoint, storage_path(cfg)) if result.checkpoint is not None else None
 
 
 def log_final_model(cfg: Any, run_id: str, checkpoint_path: str) -> None:
-    """Log the selected checkpoint's model as ``model/`` (takes [0,1] images, returns logits)."""
+    """Log the selected checkpoint's model as ``model/`` (takes [0,1] images, returns logits).
+
+    Saved as MLflow's ``pt2`` (``torch.export``): a traced graph plus tensors, no pickled
+    Python objects and no model code, so :func:`load_logged_model` can refuse any archive that
+    holds anything else. ``mlflow.pytorch.load_model`` returns the exported module, in eval
+    mode for good (torch refuses ``.eval()``/``.train()`` on exported modules).
+    """
     import mlflow
     import mlflow.pytorch
     import torch
 
     from orchestrator.worker import build_model, data_info
-    from trainables.checkpoint import load_checkpoint
 
     c = tracking.client()
     if c.get_run(run_id).data.tags.get("sprout.model_logged") == "true":
         return
     info = data_info(cfg)
     model = build_model(cfg, info)
-    model.load_state_dict(load_checkpoint(checkpoint_path)["model"])
+    model.load_state_dict(storage.load_checkpoint(checkpoint_path)["model"])
     model.eval()
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    import trainables
-
-    example = torch.rand(1, info.channels, info.image_size, info.image_size).numpy()
+    # batch of 2: torch.export keeps a size-1 dimension static, and the batch must stay dynamic
+    example = torch.rand(2, info.channels, info.image_size, info.image_size).numpy()
     with mlflow.start_run(run_id=run_id):
-        # Pickle format returns a plain nn.Module from load_model; code_paths ships the model
-        # classes with it; explicit requirements skip MLflow's slow requirement inference.
+        # explicit requirements skip MLflow's slow requirement inference
         mlflow.pytorch.log_model(
-            model, name="model", serialization_format="pickle", input_example=example,
-            code_paths=[str(Path(trainables.__file__).parent)],
+            model, name="model", serialization_format="pt2", input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
     c.set_tag(run_id, "sprout.model_logged", "true")
     c.set_tag(run_id, "sprout.selected_checkpoint", checkpoint_path)
 
 
+def load_logged_model(model_uri: str) -> Any:
+    """``mlflow.pytorch.load_model`` that runs no pickled code: MLflow checks that every record
+    of the ``pt2`` archive is tensors or plain data before ``torch.export.load`` sees it, and
+    refuses the model otherwise (MLflow's own default, ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION``
+    true, skips that check). ``model_uri``: ``runs:/<run id>/model`` or any MLflow model URI."""
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    key = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        return mlflow.pytorch.load_model(model_uri)
+    except MlflowException as e:
+        if "pickle" not in str(e):
+            raise
+        raise UnsafeModelError(f"{model_uri}: refused to load: {str(e).splitlines()[0]}") from None
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+class UnsafeModelError(RuntimeError):
+    """A logged model whose archive holds something other than tensors and plain data."""
+
+
+def run_epochs(cfg: Any) -> int:
+    """Epochs the run trains (Free-AT divides the configured count by its replays)."""
+    return max(1, math.ceil(cfg.train.epochs / getattr(cfg.method_params(), "replays", 1)))
+
+
+def _watch(cfg: Any, name: str, run_id: str, resumed: bool, in_tune: bool) -> Any:
+    """One live line for this run (sweeps and comparisons watch all their children instead)."""
+    import contextlib
+
+    if in_tune:
+        return contextlib.nullcontext()
+    from orchestrator.console import watch_run
+
+    done = len(tracking.client().get_metric_history(run_id, "train/loss")) if resumed else 0
+    return watch_run(tracking.tracking_uri(), run_id, name, run_epochs(cfg), done)
+
+
 def run_training(
     cfg: Any, name: str, *, kind: str = "train", parent_run_id: str | None = None, key: str | None = None,
-    in_tune: bool = False, log_model: bool = True,
+    in_tune: bool = False, log_model: bool = True, wait_for_nodes: bool = False,
 ) -> TrainOutcome:
+    """One Ray Train run into its MLflow run. ``wait_for_nodes``: the cluster autoscales, so
+    first wait (up to ``scaling.startup_timeout_s``) for the nodes of the plan to come up."""
     tracking.check_reachable()
     if not in_tune:
         ensure_ray()
@@ -227,7 +281,14 @@ def run_training(
     c.delete_tag(run_id, tracking.ERROR_TAG) if tracking.ERROR_TAG in c.get_run(run_id).data.tags else None
     t0 = time.perf_counter()
     try:
-        result = fit_trainer(cfg, name, run_id, in_tune=in_tune)
+        if wait_for_nodes:
+            from orchestrator.session import wait_for_capacity
+
+            wait_for_capacity(plan_for(cfg), timeout_s=cfg.scaling.startup_timeout_s,
+                              strategy=cfg.scaling.placement_strategy)
+            t0 = time.perf_counter()  # training time starts when the nodes are there
+        with _watch(cfg, name, run_id, resumed, in_tune):
+            result = fit_trainer(cfg, name, run_id, in_tune=in_tune)
     except BaseException as e:
         from ray.exceptions import RayActorError
         from ray.train import TrainingFailedError
@@ -266,6 +327,7 @@ def run_training(
         c.set_tag(run_id, "sprout.selected_checkpoint", best)
     c.set_terminated(run_id, status="FINISHED")
     return TrainOutcome(
-        name=name, run_id=run_id, checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        name=name, run_id=run_id,
+        checkpoint_path=storage.checkpoint_uri(result.checkpoint, storage_path(cfg)) if result.checkpoint else None,
         best_checkpoint_path=best, metrics=dict(result.metrics or {}), resumed=resumed, train_seconds=total,
     )

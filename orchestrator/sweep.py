@@ -15,10 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from orchestrator import tracking
+from orchestrator import storage, tracking
 from orchestrator.config import apply_overrides, from_dict
+from orchestrator.console import epochs_from_params, watch_children
 from orchestrator.runner import run_tags, storage_path
-from orchestrator.session import DRIVER_CPU, available_resources, ensure_ray, plan_for
+from orchestrator.session import DRIVER_CPU, check_plan, cluster_capacity, ensure_ray, plan_for
 from orchestrator.tune_fit import close_after, fit_tuner
 
 
@@ -33,7 +34,8 @@ def max_concurrent(cfg: Any, requested: int | None, available: dict[str, float])
     return min(fit, requested) if requested else fit
 
 
-def _trial(config: dict[str, Any], base: dict[str, Any], sweep: str, parent_run_id: str) -> None:
+def _trial(config: dict[str, Any], base: dict[str, Any], sweep: str, parent_run_id: str,
+           wait_for_nodes: bool = False) -> None:
     import ray.tune
 
     from orchestrator.runner import run_training
@@ -43,21 +45,22 @@ def _trial(config: dict[str, Any], base: dict[str, Any], sweep: str, parent_run_
     cfg = from_dict(apply_overrides(copy.deepcopy(base), overrides))
     run_training(
         cfg, f"{sweep}-{trial_id}", kind="train", parent_run_id=parent_run_id, key=f"{sweep}/{trial_id}",
-        in_tune=True, log_model=config.get("log_model", True),
+        in_tune=True, log_model=config.get("log_model", True), wait_for_nodes=wait_for_nodes,
     )
 
 
 def make_tuner(cfg: Any, name: str, space: dict[str, Any], *, samples: int, scheduler: str, search: str,
-               parent_run_id: str, concurrency: int, log_model: bool = True) -> Any:
+               parent_run_id: str, concurrency: int, log_model: bool = True, wait_for_nodes: bool = False) -> Any:
     from ray import tune
 
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=cfg.to_dict(), sweep=name, parent_run_id=parent_run_id),
+        tune.with_parameters(_trial, base=cfg.to_dict(), sweep=name, parent_run_id=parent_run_id,
+                             wait_for_nodes=wait_for_nodes),
         {"cpu": DRIVER_CPU},
     )
-    path = Path(storage_path(cfg)) / name if "://" not in storage_path(cfg) else None
-    if path is not None and tune.Tuner.can_restore(str(path)):
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    path = storage.join(storage_path(cfg), name)  # a local path or a URI: Tune restores from both
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     t = cfg.tune
     sched = None
     if scheduler == "asha":
@@ -127,7 +130,10 @@ def run_sweep(cfg: Any, space_name: str, *, name: str, samples: int | None = Non
     samples = samples or (1 if is_grid(space) else cfg.tune.num_samples)
     scheduler = scheduler or cfg.tune.scheduler
     search = search or cfg.tune.search
-    concurrency = max_concurrent(cfg, cfg.tune.max_concurrent_trials, available_resources())
+    capacity = cluster_capacity()
+    check_plan(plan_for(cfg, tune=True), capacity)
+    # from the autoscaler's maximum where the cluster autoscales: trials' demand scales it out
+    concurrency = max_concurrent(cfg, cfg.tune.max_concurrent_trials, capacity.schedulable)
     tracking.check_reachable()
     ensure_ray()
     c = tracking.client()
@@ -137,9 +143,12 @@ def run_sweep(cfg: Any, space_name: str, *, name: str, samples: int | None = Non
                                           "sweep.scheduler": scheduler, "sweep.search": search,
                                           "sweep.max_concurrent_trials": concurrency})
     tuner = make_tuner(cfg, name, space, samples=samples, scheduler=scheduler, search=search,
-                       parent_run_id=parent, concurrency=concurrency, log_model=log_model)
+                       parent_run_id=parent, concurrency=concurrency, log_model=log_model,
+                       wait_for_nodes=capacity.autoscaler)
     try:
-        grid = fit_tuner(tuner)
+        with watch_children(tracking.tracking_uri(), cfg.experiment, parent,
+                            lambda r: epochs_from_params(r, cfg.train.epochs)):
+            grid = fit_tuner(tuner)
     except BaseException as e:
         close_after(c, cfg.experiment, parent, e)
         raise

@@ -32,15 +32,33 @@ def client(uri: str | None = None):
     return MlflowClient(tracking_uri=uri or tracking_uri())
 
 
+# Set at submit time on clusters, where the uploaded working directory has no .git
+# (docs/cluster.md: `ray job submit --runtime-env-json`, the image's GIT_SHA build arg).
+GIT_SHA_ENV = "SPROUT_GIT_SHA"
+
+
 def git_sha() -> str:
+    """The commit of the code that runs: ``SPROUT_GIT_SHA``, else ``git rev-parse HEAD``."""
+    given = os.environ.get(GIT_SHA_ENV, "").strip()
+    if given and given != "unknown":  # "unknown": an image built without its GIT_SHA build arg
+        return given
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
             cwd=Path(__file__).resolve().parent,
         )
-        return out.stdout.strip() or "unknown"
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def run_url(run_id: str, uri: str | None = None) -> str:
+    """Where a user opens the run: the tracking server's UI, or `make ui`'s for a local store."""
+    uri = uri or tracking_uri()
+    c = client(uri)
+    exp = c.get_run(run_id).info.experiment_id
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{exp}/runs/{run_id}"
 
 
 def default_artifact_location(uri: str, experiment: str) -> str | None:
@@ -111,7 +129,7 @@ class MetricLogger:
 
     def __init__(self, uri: str, run_id: str, fallback: str | os.PathLike[str] | None = None) -> None:
         self.uri, self.run_id = uri, run_id
-        self.fallback = Path(fallback) if fallback else None
+        self.fallback = str(fallback) if fallback else None  # a path or a storage URI (s3://...)
         self.pending: list[tuple[str, float, int, int]] = []
         self.logged_steps: dict[str, set[int]] = {}
         self._client = client(uri)
@@ -159,10 +177,11 @@ class MetricLogger:
                 return
             time.sleep(wait_s)
         if self.pending and self.fallback is not None:
-            self.fallback.parent.mkdir(parents=True, exist_ok=True)
-            with self.fallback.open("a") as f:
-                for k, v, ts, s in self.pending:
-                    f.write(json.dumps({"run_id": self.run_id, "key": k, "value": v, "timestamp": ts, "step": s}) + "\n")
+            from orchestrator import storage
+
+            lines = "".join(json.dumps({"run_id": self.run_id, "key": k, "value": v, "timestamp": ts, "step": s}) + "\n"
+                            for k, v, ts, s in self.pending)
+            storage.append_text(self.fallback, lines)
             self.pending.clear()
 
 
@@ -170,8 +189,9 @@ def replay_pending(path: str | os.PathLike[str], uri: str | None = None) -> int:
     """Deliver metrics written to a fallback file; returns how many were sent."""
     from mlflow.entities import Metric
 
-    p = Path(path)
-    rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    from orchestrator import storage
+
+    rows = [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
     c = client(uri)
     by_run: dict[str, list[Metric]] = {}
     for r in rows:
@@ -179,7 +199,7 @@ def replay_pending(path: str | os.PathLike[str], uri: str | None = None) -> int:
     for run_id, ms in by_run.items():
         for i in range(0, len(ms), 500):
             c.log_batch(run_id, metrics=ms[i : i + 500])
-    p.unlink()
+    storage.delete(path)
     return len(rows)
 
 
@@ -197,3 +217,42 @@ def check_reachable(uri: str | None = None, timeout_s: float = 10.0) -> None:
                 raise RuntimeError(f"status {r.status}")
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         raise ConnectionError(f"MLflow tracking server {uri} is not reachable ({e}); start it or fix MLFLOW_TRACKING_URI") from None
+    check_credentials(uri, timeout_s)
+
+
+def check_credentials(uri: str, timeout_s: float = 10.0) -> None:
+    """An authenticated request with the standard ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` (or
+    ``MLFLOW_TRACKING_TOKEN``): a server that refuses them is a configuration error (exit 2), found
+    before any run starts. The credentials are sent only in the header, never printed or logged."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from orchestrator.config import ConfigError
+
+    headers = {}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user or password:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user or ''}:{password or ''}".encode()).decode()
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    req = urllib.request.Request(  # noqa: S310 - the user's tracking URI
+        uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s):  # noqa: S310
+            return
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            if e.code == 403:
+                why = f"user {user!r} has no permission" if user else "access denied"
+            elif user or password:
+                why = f"the credentials of user {user!r} were rejected"
+            else:
+                why = "authentication required and MLFLOW_TRACKING_USERNAME is unset"
+            raise ConfigError(
+                f"MLflow tracking server {uri} refused the request (HTTP {e.code}: {why}); "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            ) from None
+        # other statuses (an old server without this endpoint, a proxy quirk): let the run find out
+    except (urllib.error.URLError, OSError):
+        pass

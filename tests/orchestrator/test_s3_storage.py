@@ -1,0 +1,520 @@
+"""Run state on an S3-compatible object store (issue 12), against a real SeaweedFS on 127.0.0.1.
+
+No mocks: ``weed mini`` serves S3 (``tests/services.py``); ``sprout`` runs as real processes
+with the standard client variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...). Resumes
+are proven from the per-epoch worker records under ``$SPROUT_DEBUG_DIR`` (which process trained
+which epoch), not from equal weights.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator import storage, tracking
+from tests.conftest import DIGITS
+from tests.orchestrator.conftest import BUCKET
+from tests.services import SeaweedS3, free_port
+
+PY = sys.executable
+HANG_GUARD_S = 600  # only a guard against hangs, never a performance assertion
+CHEAP = ["eval.attacks=[]", "train.val_pgd_steps=2", "train.checkpoint_keep=10", "train.checkpoint_metric=val/clean_acc"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _env(s3: SeaweedS3, tmp: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, **s3.env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+           "SPROUT_DEBUG_DIR": str(tmp / "debug"), **extra}
+    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(k, None)
+    return env
+
+
+def _sets(sets: list[str]) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
+
+
+def _train(name: str, sets: list[str]) -> list[str]:
+    return [PY, "-m", "orchestrator", "train", str(DIGITS), "--name", name, *_sets(sets)]
+
+
+def _nonblank(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _steps(c, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in c.get_metric_history(run_id, key))
+
+
+def _runs_with_key(c, experiment: str, key: str) -> list:
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.RUN_KEY}` = '{key}'")
+
+
+def _pid(debug: Path, epoch: int) -> int:
+    return json.loads((debug / f"worker-0-epoch-{epoch}.json").read_text())["pid"]
+
+
+def _ckpt_epoch_on_s3(s3: SeaweedS3, key_prefix: str) -> int:
+    """1-based epoch of the checkpoint Ray would resume from, read from its snapshot object (0: none)."""
+    try:
+        body = s3.client().get_object(Bucket=BUCKET, Key=f"{key_prefix}/checkpoint_manager_snapshot.json")["Body"]
+        latest = json.loads(body.read()).get("latest_checkpoint_result") or {}
+    except Exception:  # noqa: BLE001 - not written yet
+        return 0
+    return int((latest.get("metrics") or {}).get("epoch", 0))
+
+
+def _checkpoint_keys(s3: SeaweedS3, key_prefix: str) -> list[str]:
+    return sorted(k for k in s3.keys(BUCKET, key_prefix + "/") if k.endswith("/checkpoint.pt"))
+
+
+def _group_alive(pgid: int) -> bool:
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                return True
+    return False
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the whole ``sprout`` process group (driver and its local Ray) and wait until it is gone."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+    deadline = time.time() + 60
+    while _group_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.3)
+
+
+def _wait_until(proc: subprocess.Popen, cond, what: str) -> None:
+    deadline = time.time() + HANG_GUARD_S
+    while not cond():
+        assert proc.poll() is None, f"sprout exited ({proc.returncode}) before {what}"
+        if time.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.25)
+
+
+def _use(monkeypatch: pytest.MonkeyPatch, s3: SeaweedS3) -> None:
+    """This process's S3 client variables point at ``s3`` for one test (restored after it)."""
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+
+
+@pytest.fixture
+def no_inprocess_ray():
+    """One Ray instance at a time: the ``sprout`` subprocesses start their own."""
+    import ray
+
+    ray.shutdown()
+
+
+def _state(seed: int) -> dict:
+    torch.manual_seed(seed)
+    return {"model": {"w": torch.randn(64, 64), "b": torch.randn(64)}, "epoch": seed}
+
+
+# ----------------------------------------------------------------------------- storage layer, no Ray
+
+
+def test_checkpoint_on_s3_is_one_checksummed_object_that_loads_weights_only(seaweed, monkeypatch) -> None:
+    _use(monkeypatch, seaweed)
+    loc = f"s3://{BUCKET}/unit-{uuid.uuid4().hex[:8]}/checkpoint_000001"
+    storage.save_checkpoint(loc, _state(1))
+    prefix = loc.split(f"{BUCKET}/", 1)[1]
+    assert seaweed.keys(BUCKET, prefix) == [f"{prefix}/checkpoint.pt"]  # one object, no temporaries
+    got = storage.load_checkpoint(loc)
+    assert got["epoch"] == 1 and torch.equal(got["model"]["w"], _state(1)["model"]["w"])
+    assert storage.load_checkpoint(loc + "/checkpoint.pt")["epoch"] == 1  # the file itself works too
+
+    raw = seaweed.client().get_object(Bucket=BUCKET, Key=f"{prefix}/checkpoint.pt")["Body"].read()
+    assert raw.startswith(b"SPROUT-CHECKPOINT-1 sha256=")
+    tampered = bytearray(raw)
+    tampered[len(raw) // 2] ^= 0xFF
+    for bad, why in ((bytes(tampered), "checksum"), (raw[: len(raw) // 3], "checksum")):
+        seaweed.client().put_object(Bucket=BUCKET, Key=f"{prefix}/checkpoint.pt", Body=bad)
+        with pytest.raises(storage.CheckpointError, match=why) as e:
+            storage.load_checkpoint(loc)
+        assert f"{loc}/checkpoint.pt" in str(e.value)  # names the object
+    buf = io.BytesIO()
+    torch.save({"model": {}, "evil": print}, buf)  # a pickled callable, with a valid checksum
+    import hashlib
+
+    payload = b"SPROUT-CHECKPOINT-1 sha256=" + hashlib.sha256(buf.getvalue()).hexdigest().encode() + b"\n"
+    seaweed.client().put_object(Bucket=BUCKET, Key=f"{prefix}/checkpoint.pt", Body=payload + buf.getvalue())
+    with pytest.raises(storage.CheckpointError, match="weights_only"):
+        storage.load_checkpoint(loc)
+    with pytest.raises(storage.CheckpointError, match="no checkpoint at"):
+        storage.load_checkpoint(f"s3://{BUCKET}/{prefix}-missing")
+
+
+_WRITER = """
+import os, sys, torch
+from orchestrator import storage
+torch.manual_seed(0)
+state = {"model": {"w": torch.randn(64 * 2**20 // 4)}, "epoch": 2}  # 64 MiB: a multipart upload
+print("writing", flush=True)
+storage.save_checkpoint(sys.argv[1], state)
+print("done", flush=True)
+"""
+
+
+def test_a_writer_killed_mid_upload_leaves_the_previous_checkpoint_whole(seaweed, tmp_path, monkeypatch) -> None:
+    """SIGKILL a process while its checkpoint upload is in flight (an S3 multipart upload is open):
+    the object at that location is still the previous, complete checkpoint."""
+    _use(monkeypatch, seaweed)
+    loc = f"s3://{BUCKET}/killed-writer-{uuid.uuid4().hex[:8]}/checkpoint_000001"
+    key = loc.split(f"{BUCKET}/", 1)[1] + "/checkpoint.pt"
+    storage.save_checkpoint(loc, _state(1))
+    s3 = seaweed.client()
+    env = dict(os.environ, **seaweed.env(), PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen([PY, "-c", _WRITER, loc], env=env, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        deadline = time.time() + 120
+
+        def in_flight() -> bool:
+            ups = s3.list_multipart_uploads(Bucket=BUCKET, Prefix=key).get("Uploads", [])
+            return any(u["Key"] == key for u in ups)
+
+        while not in_flight():
+            assert proc.poll() is None, "the writer finished before it could be killed mid-upload"
+            assert time.time() < deadline, "no multipart upload was seen in flight"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    got = storage.load_checkpoint(loc)  # checksum verified: the whole previous checkpoint
+    assert got["epoch"] == 1 and torch.equal(got["model"]["w"], _state(1)["model"]["w"])
+
+    # and while a writer replaces it, a reader polling the object only ever sees a whole checkpoint
+    from trainables.checkpoint import decode_checkpoint
+
+    proc = subprocess.Popen([PY, "-c", _WRITER, loc], env=env, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen = []
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        while proc.poll() is None:
+            raw = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()  # NoSuchKey: it vanished mid-write
+            seen.append(decode_checkpoint(raw, loc)["epoch"])  # CheckpointError: a partial object was visible
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    assert proc.returncode == 0 and seen and set(seen) <= {1, 2}
+    assert storage.load_checkpoint(loc)["epoch"] == 2
+
+
+def test_a_ray_checkpoint_on_s3_gets_a_full_uri_that_loads(seaweed, monkeypatch) -> None:
+    """Ray's ``Checkpoint.path`` on S3 is ``bucket/prefix/...`` with no scheme; the tag needs the URI."""
+    import ray.train
+
+    _use(monkeypatch, seaweed)
+    root = f"s3://{BUCKET}/ray-uri-{uuid.uuid4().hex[:8]}"
+    storage.save_checkpoint(storage.join(root, "run", "checkpoint_x"), _state(3))
+    fs, path = storage.filesystem(storage.join(root, "run", "checkpoint_x"))
+    ckpt = ray.train.Checkpoint(path=path, filesystem=fs)
+    assert not ckpt.path.startswith("s3://")
+    uri = storage.checkpoint_uri(ckpt, root)
+    assert uri == f"{root}/run/checkpoint_x"
+    assert storage.load_checkpoint(uri)["epoch"] == 3
+    local = ray.train.Checkpoint(path="/tmp/x/checkpoint_1")
+    assert storage.checkpoint_uri(local, "/tmp/x") == "/tmp/x/checkpoint_1"
+
+
+def test_buffered_metrics_fall_back_to_an_s3_object_and_replay_from_it(seaweed, tmp_path, monkeypatch) -> None:
+    """With the tracking server down at close(), pending metrics go to the fallback object on S3;
+    ``sprout replay-metrics s3://...`` delivers them and removes it."""
+    from orchestrator.tracking import MetricLogger
+
+    _use(monkeypatch, seaweed)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(store)
+    run = c.create_run(tracking.experiment_id(c, "test-s3-fallback"))
+    fallback = f"s3://{BUCKET}/fallback-{uuid.uuid4().hex[:8]}/run/mlflow_pending.jsonl"
+    logger = MetricLogger(f"http://127.0.0.1:{free_port()}", run.info.run_id, fallback=fallback)
+    logger.log({"train/loss": 0.5, "val/clean_acc": 0.75}, step=1)
+    logger.log({"train/loss": 0.25}, step=2)
+    logger.close(retries=1, wait_s=0)
+    key = fallback.split(f"{BUCKET}/", 1)[1]
+    assert seaweed.keys(BUCKET, key) == [key]
+    out = subprocess.run([PY, "-m", "orchestrator", "replay-metrics", fallback], capture_output=True, text=True,
+                         env=dict(os.environ, MLFLOW_TRACKING_URI=store), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "delivered 3 metric values" in out.stdout
+    assert _steps(c, run.info.run_id, "train/loss") == [1, 2]
+    assert [m.value for m in c.get_metric_history(run.info.run_id, "val/clean_acc")] == [0.75]
+    assert seaweed.keys(BUCKET, key) == []
+
+
+def test_prepare_data_writes_parquet_shards_to_s3(seaweed, tmp_path, monkeypatch) -> None:
+    import pyarrow.parquet as pq
+
+    from orchestrator.prepare_data import prepare_data_cli
+    from tests.orchestrator.imagenet_fixture import make_imagenet
+
+    _use(monkeypatch, seaweed)
+    labels = make_imagenet(tmp_path / "src", corrupt=False)
+    dst = f"s3://{BUCKET}/imagenet-{uuid.uuid4().hex[:8]}"
+    assert prepare_data_cli("imagenet", str(tmp_path / "src"), dst, 0.012, 1, "skip", progress=False) == 0
+    prefix = dst.split(f"{BUCKET}/", 1)[1]
+    keys = seaweed.keys(BUCKET, prefix + "/")
+    assert f"{prefix}/manifest.json" in keys and f"{prefix}/classes.json" in keys
+    assert not [k for k in keys if ".tmp-" in k]
+    assert json.loads(storage.read_bytes(f"{dst}/manifest.json"))["complete"] is True
+    fs, _ = storage.filesystem(dst)
+    rows = []
+    for k in sorted(k for k in keys if k.endswith(".parquet")):
+        with fs.open_input_file(f"{BUCKET}/{k}") as f:
+            rows += pq.read_table(f).to_pylist()
+    assert {r["path"]: r["label"] for r in rows} == labels
+
+
+# ----------------------------------------------------------------------------- preflight (exit 2, nothing written)
+
+
+_BAD = {
+    "endpoint": ("the endpoint is unreachable", lambda s3: {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}),
+    "bucket": ("the bucket does not exist", lambda s3: {}),
+    "credentials": ("wrong or missing credentials", lambda s3: {"AWS_SECRET_ACCESS_KEY": "not-the-secret"}),
+}
+
+
+@pytest.mark.parametrize(("command", "fault"), [
+    ("train", "endpoint"), ("train", "bucket"), ("train", "credentials"), ("sweep", "credentials"),
+    ("compare", "bucket"),
+])
+def test_unusable_storage_exits_2_with_one_line_and_writes_nothing(seaweed, tmp_path, command, fault) -> None:
+    reason, env_change = _BAD[fault]
+    bucket = f"missing-{uuid.uuid4().hex[:8]}" if fault == "bucket" else BUCKET
+    prefix = f"preflight-{uuid.uuid4().hex[:8]}"
+    path = f"s3://{bucket}/{prefix}"
+    args = {"train": ["train", str(DIGITS), "--name", "pf"], "sweep": ["sweep", str(DIGITS), "--space", "sensitivity"],
+            "compare": ["compare", str(DIGITS), "--methods", "natural,sprout"]}[command]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = _env(seaweed, tmp_path, **env_change(seaweed))
+    out = subprocess.run([PY, "-m", "orchestrator", *args, *_sets([f"storage.path={path}", *CHEAP])], cwd=cwd,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = _nonblank(out.stderr)
+    assert len(lines) == 1, lines
+    assert f"storage.path {path}" in lines[0] and reason in lines[0], lines[0]
+    assert "Traceback" not in out.stderr and "not-the-secret" not in out.stderr
+    # nothing written: no object under the prefix, no bucket created, no MLflow store, no Ray results
+    assert seaweed.keys(BUCKET, prefix) == []
+    if fault == "bucket":
+        assert bucket not in [b["Name"] for b in seaweed.client().list_buckets()["Buckets"]]
+    assert list(cwd.iterdir()) == [] and not (tmp_path / "mlflow.db").exists() and not (tmp_path / "debug").exists()
+
+
+# ----------------------------------------------------------------------------- sprout on S3 (real Ray)
+
+
+@pytest.fixture(scope="module")
+def s3_resumed_run(seaweed, tmp_path_factory):
+    """``sprout train`` on ``s3://sprout/<prefix>``, SIGKILLed (driver and Ray) once 2 epochs are
+    checkpointed on S3, then the same command again. Shared by the tests that need a finished run."""
+    import ray
+
+    ray.shutdown()
+    tmp = tmp_path_factory.mktemp("s3run")
+    prefix, name, exp, epochs = f"runs-{uuid.uuid4().hex[:8]}", "s3-digits", "test-s3", 4
+    env = _env(seaweed, tmp)
+    debug = tmp / "debug" / name
+    debug.mkdir(parents=True)
+    (debug / "pause-at-epoch").write_text("2")  # rank 0 waits before its 3rd epoch: the kill lands mid-run
+    cmd = _train(name, [f"storage.path=s3://{BUCKET}/{prefix}", f"experiment={exp}", f"train.epochs={epochs}", *CHEAP])
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _wait_until(proc, lambda: (debug / "paused-at-epoch-2").exists() and _ckpt_epoch_on_s3(seaweed, f"{prefix}/{name}") >= 2,
+                    "2 epochs checkpointed on S3")
+    finally:
+        _kill_group(proc)
+    first_pid = _pid(debug, 0)
+    rerun = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    return {"tmp": tmp, "env": env, "prefix": prefix, "name": name, "exp": exp, "epochs": epochs, "debug": debug,
+            "first_pid": first_pid, "rerun": rerun, "store": env["MLFLOW_TRACKING_URI"]}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_on_s3_keeps_checkpoints_as_objects_and_a_rerun_resumes_from_them(seaweed, s3_resumed_run, monkeypatch) -> None:
+    r = s3_resumed_run
+    out = r["rerun"]
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "(resumed)" in out.stdout
+    c = tracking.client(r["store"])
+    runs = _runs_with_key(c, r["exp"], r["name"])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    assert _steps(c, run_id, "train/loss") == list(range(1, r["epochs"] + 1))  # none lost, none twice
+    # the checkpoints are objects in the bucket; nothing went to a local ray_results
+    keys = _checkpoint_keys(seaweed, f"{r['prefix']}/{r['name']}")
+    assert len(keys) == r["epochs"], keys
+    assert not (r["tmp"] / "ray_results").exists()
+    # the selected checkpoint is a full URI that loads (checksum, weights_only)
+    selected = c.get_run(run_id).data.tags["sprout.selected_checkpoint"]
+    assert selected.startswith(f"s3://{BUCKET}/{r['prefix']}/{r['name']}/checkpoint_"), selected
+    _use(monkeypatch, seaweed)
+    assert 0 <= storage.load_checkpoint(selected)["epoch"] < r["epochs"]
+    for k in keys:
+        assert storage.load_checkpoint(f"s3://{BUCKET}/{k}")["model"]
+    # the epochs checkpointed before the kill were not trained again: same worker process as before
+    assert _pid(r["debug"], 0) == _pid(r["debug"], 1) == r["first_pid"], "an epoch before the S3 checkpoint was retrained"
+    assert all(_pid(r["debug"], e) != r["first_pid"] for e in range(2, r["epochs"]))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sprout_eval_run_id_loads_the_selected_checkpoint_from_s3(seaweed, s3_resumed_run) -> None:
+    r = s3_resumed_run
+    assert r["rerun"].returncode == 0, r["rerun"].stderr[-3000:]
+    c = tracking.client(r["store"])
+    run_id = _runs_with_key(c, r["exp"], r["name"])[0].info.run_id
+    out = subprocess.run([PY, "-m", "orchestrator", "eval", "--run-id", run_id, "--attacks", "pgd20",
+                          "--n-examples", "40", "--shards", "1"], env=r["env"], cwd=r["tmp"], capture_output=True,
+                         text=True, timeout=HANG_GUARD_S)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = c.get_run(run_id).data.metrics
+    assert 0.0 <= m["test/pgd20_acc"] <= m["test/clean_acc"] <= 1.0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_worker_killed_at_epoch_2_resumes_from_the_s3_checkpoint(seaweed, tmp_path, no_inprocess_ray, monkeypatch) -> None:
+    name, exp, prefix, epochs = "s3-killed", "test-s3-killed", f"killed-{uuid.uuid4().hex[:8]}", 3
+    debug = tmp_path / "debug" / name
+    debug.mkdir(parents=True)
+    (debug / "kill-at-epoch").write_text("2")  # rank 0 SIGKILLs itself once, at its 3rd epoch
+    out = subprocess.run(_train(name, [f"storage.path=s3://{BUCKET}/{prefix}", f"experiment={exp}",
+                                       f"train.epochs={epochs}", *CHEAP]),
+                         env=_env(seaweed, tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert out.returncode == 0, out.stderr[-3000:]
+    killed = int((debug / "killed-at-epoch-2").read_text())  # the fault was injected, in this process
+    c = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = _runs_with_key(c, exp, name)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert _steps(c, runs[0].info.run_id, "train/loss") == [1, 2, 3]
+    # Ray restarted the worker group; the new worker restored from S3 (the only storage) and did
+    # not train epoch 1 again (a hard kill may cost the last epoch's report, never the first)
+    assert _pid(debug, 0) == killed
+    assert _pid(debug, 2) != killed
+    # every epoch's checkpoint is an object (one more when the kill lost an uploaded epoch's report)
+    assert len(_checkpoint_keys(seaweed, f"{prefix}/{name}")) >= epochs
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_compare_starts_sprout_from_the_natural_models_s3_checkpoint(seaweed, tmp_path, no_inprocess_ray) -> None:
+    exp, prefix = "test-s3-compare", f"compare-{uuid.uuid4().hex[:8]}"
+    out = subprocess.run([PY, "-m", "orchestrator", "compare", str(DIGITS), "--methods", "natural,sprout", "--name",
+                          "cmp-s3", "--attacks", "pgd20", "--n-examples", "40",
+                          *_sets([f"storage.path=s3://{BUCKET}/{prefix}", f"experiment={exp}", "train.epochs=2",
+                                  *CHEAP])],
+                         env=_env(seaweed, tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert out.returncode == 0, out.stderr[-3000:]
+    c = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = _runs_with_key(c, exp, "cmp-s3")[0]
+    assert parent.info.status == "FINISHED"
+    natural, sprout = (_runs_with_key(c, exp, f"cmp-s3/{m}")[0] for m in ("natural", "sprout"))
+    nat_ckpt = natural.data.tags["sprout.selected_checkpoint"]
+    assert nat_ckpt.startswith(f"s3://{BUCKET}/{prefix}/cmp-s3-natural/checkpoint_"), nat_ckpt
+    assert sprout.data.params["train.init_from"] == nat_ckpt  # SPROUT started from natural's S3 checkpoint
+    for run in (natural, sprout):
+        assert run.info.status == "FINISHED"
+        assert 0.0 <= run.data.metrics["test/pgd20_acc"] <= run.data.metrics["test/clean_acc"] <= 1.0
+        assert run.data.tags["sprout.selected_checkpoint"].startswith(f"s3://{BUCKET}/{prefix}/")
+    assert _checkpoint_keys(seaweed, f"{prefix}/cmp-s3-natural") and _checkpoint_keys(seaweed, f"{prefix}/cmp-s3-sprout")
+    assert not (tmp_path / "ray_results").exists()
+
+
+# ----------------------------------------------------------------------------- S3 down mid-run
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_s3_stopped_mid_run_then_restarted_keeps_every_checkpoint_and_a_rerun_resumes(tmp_path, no_inprocess_ray, monkeypatch) -> None:
+    """Its own SeaweedFS (the shared one stays up): stopped while rank 0 is held before epoch 3,
+    started again (same ports, same data) after the epoch had to write its checkpoint."""
+    s3 = SeaweedS3(tmp_path / "weed-fault", buckets=(BUCKET,)).start()
+    try:
+        name, exp, prefix, epochs = "s3-down", "test-s3-down", "down", 4
+        env = _env(s3, tmp_path)
+        debug = tmp_path / "debug" / name
+        debug.mkdir(parents=True)
+        (debug / "pause-at-epoch").write_text("2")
+        cmd = _train(name, [f"storage.path=s3://{BUCKET}/{prefix}", f"experiment={exp}", f"train.epochs={epochs}",
+                            "train.max_failures=1", *CHEAP])
+        err = (tmp_path / "first.err").open("w")
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            _wait_until(proc, lambda: (debug / "paused-at-epoch-2").exists() and _ckpt_epoch_on_s3(s3, f"{prefix}/{name}") >= 2,
+                        "2 epochs checkpointed on S3")
+            first_pid = _pid(debug, 0)
+            s3.stop()  # the object store goes away ...
+            (debug / "resume").write_text("")  # ... while epoch 3 trains and must write its checkpoint
+            deadline = time.time() + 20
+            while proc.poll() is None and time.time() < deadline:
+                time.sleep(0.5)
+            s3.start()  # ... and comes back (same ports, same data)
+            code = proc.wait(timeout=HANG_GUARD_S)
+        finally:
+            if proc.poll() is None:
+                _kill_group(proc)
+            err.close()
+        stderr = (tmp_path / "first.err").read_text()
+        c = tracking.client(env["MLFLOW_TRACKING_URI"])
+        run = _runs_with_key(c, exp, name)[0]
+        print(f"S3 outage outcome: exit {code}; last stderr line: {(_nonblank(stderr) or [''])[-1][:300]}")
+        if code == 0:  # retried and finished
+            assert run.info.status == "FINISHED"
+        else:  # or failed with one line, and the MLflow run says so (not left RUNNING)
+            assert code == 1, stderr[-3000:]
+            last = _nonblank(stderr)[-1]
+            assert last.startswith("sprout: train failed: ") and "\n" not in last, stderr[-3000:]
+            assert run.info.status == "FAILED"
+        _use(monkeypatch, s3)
+        keys = _checkpoint_keys(s3, f"{prefix}/{name}")
+        assert len(keys) >= 2
+        for k in keys:  # every checkpoint already written is complete and loads
+            assert storage.load_checkpoint(f"s3://{BUCKET}/{k}")["model"]
+
+        rerun = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert "(resumed)" in rerun.stdout
+        run = c.get_run(run.info.run_id)
+        assert run.info.status == "FINISHED"
+        assert _steps(c, run.info.run_id, "train/loss") == list(range(1, epochs + 1))
+        assert _pid(debug, 0) == _pid(debug, 1) == first_pid  # the checkpointed epochs were not retrained
+    finally:
+        s3.stop()
