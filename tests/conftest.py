@@ -15,6 +15,58 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 torch.set_num_threads(1)
 
+# Hypothesis: examples it finds failing are kept in the repository (tests/hypothesis-examples,
+# written by local runs, committed) and replayed first; CI reads them without writing, and
+# `make test` passes --hypothesis-seed=0 there, so every CI run draws the same examples.
+from hypothesis import settings as _hyp_settings  # noqa: E402
+from hypothesis.database import DirectoryBasedExampleDatabase, ReadOnlyDatabase  # noqa: E402
+
+_EXAMPLES = DirectoryBasedExampleDatabase(str(ROOT / "tests" / "hypothesis-examples"))
+_hyp_settings.register_profile("dev", database=_EXAMPLES)
+_hyp_settings.register_profile("ci", database=ReadOnlyDatabase(_EXAMPLES), print_blob=True)
+_hyp_settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+# In CI a skipped test fails the run unless .ci/allowed-skips names it (a skip is a test
+# that proved nothing: a missing browser or service must not turn CI green).
+ALLOWED_SKIPS = ROOT / ".ci" / "allowed-skips"
+_skipped: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped.append((report.nodeid, reason))
+
+
+def _allowed() -> set[str]:
+    if not ALLOWED_SKIPS.is_file():
+        return set()
+    return {line.split("#", 1)[0].strip() for line in ALLOWED_SKIPS.read_text().splitlines()} - {""}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not os.environ.get("CI"):
+        return
+    allowed = _allowed()
+    bad = [(n, r) for n, r in _skipped if n.split("[", 1)[0] not in allowed]
+    if bad:
+        for nodeid, reason in bad:
+            print(f"\nci: skipped test not in .ci/allowed-skips: {nodeid} ({reason})")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """``orchestrator.cli.main`` installs a SIGTERM handler (stop like Ctrl-C); a test calling it
+    in process must not leave it, or any other, on the pytest process."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in saved.items():
+        if signal.getsignal(s) is not handler and handler is not None:
+            signal.signal(s, handler)
+
 
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
