@@ -153,21 +153,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             if logger is not None:
                 logger.log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
-            state = training_state(model, run.optimizer, run.method, epoch, world_size=world)
-            if "://" in cfg.storage.path:
-                # Object storage: the upload (seconds for a VGG-16 state) runs in Ray's background
-                # thread while the next epoch trains; only the local write stalls training
-                # (BENCHMARKS.md, checkpoint storage). Ray deletes the directory once uploaded.
-                from ray.train import CheckpointUploadMode
-
-                tmp = tempfile.mkdtemp(prefix="sprout-ckpt-")
-                save_checkpoint(tmp, state)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    save_checkpoint(tmp, state)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, training_state(model, run.optimizer, run.method, epoch, world_size=world))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
     if logger is not None:
