@@ -20,7 +20,7 @@ import pytest
 from orchestrator import tracking
 from orchestrator.compare import parse_methods, variant_overrides
 from orchestrator.config import ConfigError
-from tests.conftest import digits_cfg
+from tests.conftest import DIGITS, digits_cfg
 
 METHODS = ["natural", "pgd_at", "sprout"]
 ATTACKS = ["pgd20", "transfer", "invariance"]
@@ -73,6 +73,22 @@ def test_comparison_report_has_every_column_and_measured_ratios(comparison) -> N
     child = rows["pgd_at"]["run_id"]
     hist = sorted(m.value for m in c.get_metric_history(child, "time/epoch_s"))
     assert min(hist) <= float(rows["pgd_at"]["time/epoch_s"]) <= max(hist)
+    # Each row holds its own method's numbers: recomputed here from that method's selected
+    # checkpoint (its child run's config), they match exactly; swapped or shared rows would not.
+    from tests.orchestrator.test_train import recompute, run_config
+
+    by_method = {m: c.get_run(r["run_id"]) for m, r in rows.items()}
+    seen = {}
+    for m, r in rows.items():
+        run = by_method[m]
+        assert run.data.tags["method"] == m
+        want = recompute(run_config(run.info.run_id), run.data.tags["sprout.selected_checkpoint"],
+                         ["pgd20", "invariance"], 120)
+        for k in ("test/clean_acc", "test/pgd20_acc", "test/rotation_acc", "test/gray_acc"):
+            assert float(r[k]) == want[k], (m, k, r[k], want[k])
+        seen[m] = tuple(float(r[k]) for k in ("test/clean_acc", "test/pgd20_acc", "test/rotation_acc"))
+    assert len(set(seen.values())) == len(seen), f"two methods' rows are identical: {seen}"
+    assert len({r.data.tags["sprout.selected_checkpoint"] for r in by_method.values()}) == len(METHODS)
     md = Path(c.download_artifacts(out["parent_run_id"], "report/comparison.md", str(tmp))).read_text()
     assert "| sprout |" in md and "test/pgd20_acc" in md
     plots = {a.path for a in c.list_artifacts(out["parent_run_id"], "plots")}
@@ -157,3 +173,25 @@ def test_mlflow_ui_shows_the_comparison_in_a_real_browser(comparison, mlflow_uri
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sprout_init_scratch_trains_sprout_without_natural(tmp_path, ray_local) -> None:
+    """``--sprout-init scratch``: no natural phase is added and SPROUT starts from random weights."""
+    from orchestrator.cli import main
+
+    sets = [f"storage.path={tmp_path / 'rr'}", "eval.attacks=[]", "train.epochs=1", "train.val_pgd_steps=2",
+            "experiment=test-compare-scratch"]
+    code = main(["compare", str(DIGITS), "--methods", "sprout", "--sprout-init", "scratch", "--attacks", "pgd20",
+                 "--n-examples", "32", "--name", "cmp-scratch", *[a for s in sets for a in ("--set", s)]])
+    assert code == 0
+    c = tracking.client()
+    exp = c.get_experiment_by_name("test-compare-scratch")
+    parent = c.search_runs([exp.experiment_id], filter_string="tags.`sprout.run_key` = 'cmp-scratch'")[0]
+    assert parent.info.status == "FINISHED" and parent.data.params["compare.sprout_init"] == "scratch"
+    assert parent.data.params["compare.methods"] == "sprout"
+    kids = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert [(k.data.tags["method"], k.info.status) for k in kids] == [("sprout", "FINISHED")]
+    assert kids[0].data.params["train.init_from"] == "None"
+    assert "test/pgd20_acc" in kids[0].data.metrics

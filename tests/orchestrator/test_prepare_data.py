@@ -94,26 +94,55 @@ def test_on_corrupt_fail_fails_clearly_and_keeps_clean_shards(tmp_path, capsys):
     assert json.loads((dst / "manifest.json").read_text())["complete"] is True
 
 
-def test_interrupted_run_resumes_without_redoing_finished_shards(tmp_path, monkeypatch):
+# `sprout prepare-data` whose second shard write stops half-way (some bytes in its temporary file)
+# and waits there, so that the test's SIGKILL lands mid-write, on a real process.
+_STALL_SECOND_WRITE = """
+import sys, time
+import pyarrow.parquet as pq
+real, calls = pq.write_table, []
+def stalling(table, out, **kw):
+    calls.append(1)
+    if len(calls) == 2:
+        out.write(b"PAR1 half a shard")
+        out.flush()
+        open(sys.argv[1], "w").write("stalled")
+        time.sleep(600)
+    return real(table, out, **kw)
+pq.write_table = stalling
+from orchestrator.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigkilled_run_resumes_without_redoing_finished_shards(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+    import time
+
     src, dst = tmp_path / "src", tmp_path / "dst"
     make_imagenet(src)
-    real_write = pd_mod.write_shard
-    calls: list[str] = []
-
-    def crash_after_first(fs, base, plan, table):
-        if calls:
-            raise KeyboardInterrupt("simulated kill")
-        calls.append(plan.name)
-        return real_write(fs, base, plan, table)
-
-    monkeypatch.setattr(pd_mod, "write_shard", crash_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        prepare_imagenet(src, str(dst), shard_size_mb=SHARD_MB, progress=False)
-    first = dst / calls[0]
+    marker = tmp_path / "stalled"
+    proc = subprocess.Popen([sys.executable, "-c", _STALL_SECOND_WRITE, str(marker), "prepare-data", "imagenet",
+                             str(src), str(dst), "--shard-size", str(SHARD_MB), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert proc.poll() is None, "prepare-data ended before its second shard"
+            assert time.time() < deadline, "prepare-data never reached its second shard"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # a real hard kill, mid-write
+        proc.wait(timeout=60)
+    finished = sorted(dst.glob("*/shard-*.parquet"))
+    assert len(finished) == 1, finished
+    first = finished[0]
     before = first.stat()
-    assert not list((dst / "train").glob(".*tmp*"))  # the failed write left no temporary
-    (dst / "train" / ".shard-00001.parquet.tmp-deadbeef").write_bytes(b"half a shard")  # a hard kill's leftover
+    leftovers = list(dst.glob("*/.shard-*.tmp-*"))
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0, leftovers  # what the kill left behind
 
+    real_write = pd_mod.write_shard
     written: list[str] = []
 
     def counting(fs, base, plan, table):
@@ -122,12 +151,13 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(tmp_path, monke
 
     monkeypatch.setattr(pd_mod, "write_shard", counting)
     summary = prepare_imagenet(src, str(dst), shard_size_mb=SHARD_MB, progress=False)
-    assert calls[0] not in written
+    assert str(first.relative_to(dst)) not in written
     assert len(written) == summary.shards - 1 and summary.shards_skipped == 1
     after = first.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    assert not list((dst / "train").glob(".*tmp*"))
-    assert len(read_split(dst, "train")) == 12
+    assert not list(dst.glob("*/.*tmp*"))  # the killed writer's partial file is gone
+    assert len(read_split(dst, "train")) == 12 and len(read_split(dst, "val")) == 3
+    assert json.loads((dst / "manifest.json").read_text())["complete"] is True
 
     written.clear()
     assert prepare_imagenet(src, str(dst), shard_size_mb=SHARD_MB, progress=False).shards_written == 0

@@ -5,9 +5,10 @@ SIGKILL or stopped with SIGTERM and Ctrl-C, a real ``mlflow server`` stopped and
 simulated Ray cluster losing its only worker node, a real learning rate that explodes.
 ``docs/reliability.md`` lists each test here with the fault and the observed outcome.
 
-Order matters: the tests that need no Ray come first, then those on the shared in-process
-Ray (``ray_local``), then those that shut it down to run ``sprout train`` subprocesses
-(one Ray instance at a time) and, last, the simulated cluster.
+Order does not matter: ``ray_local`` starts the shared in-process Ray when it is not running,
+the tests that run ``sprout`` subprocesses shut it down first (one Ray instance at a time), and
+the simulated-cluster test restores it afterwards (``own_ray``). They are grouped that way
+only to start Ray as few times as possible.
 """
 
 from __future__ import annotations
@@ -90,6 +91,85 @@ def _reap_group(pgid: int, timeout_s: float = 60.0) -> None:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _listening(pids: list[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state held by one of ``pids`` (/proc/net/tcp{,6})."""
+    import ipaddress
+
+    by_inode: dict[str, tuple[str, int]] = {}
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] != "0A":  # LISTEN
+                continue
+            addr, port = f[1].split(":")
+            raw = bytes.fromhex(addr)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.IPv6Address(raw) if v6 else ipaddress.IPv4Address(raw)
+            if v6 and ip.ipv4_mapped:
+                ip = ip.ipv4_mapped
+            by_inode[f[9]] = (str(ip), int(port, 16))
+    out = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in by_inode:
+                out.add(by_inode[target[8:-1]])
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid``'s live child processes, their children, and so on."""
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(p.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _stop_processes(pids: list[int], timeout_s: float = 30.0) -> None:
+    """SIGTERM exactly these processes (ours), SIGKILL what is left after ``timeout_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + timeout_s
+        while any(_alive(p) for p in pids) and time.time() < deadline:
+            time.sleep(0.2)
+        if not any(_alive(p) for p in pids):
+            return
 
 
 def _train_cmd(name: str, sets: list[str]) -> list[str]:
@@ -177,6 +257,13 @@ _mappings = st.dictionaries(_mapping_keys, _yaml_values, min_size=1, max_size=5)
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+def _mentions(msg: str, name: str) -> bool:
+    """``name`` appears in ``msg`` as a whole word (so a key ``a`` is not "named" by any "a" in the text)."""
+    import re
+
+    return any(re.search(r"(?<![\w.])" + re.escape(n) + r"(?!\w)", msg) for n in {name, repr(name)[1:-1]} if n)
+
+
 def _names_a_field(msg: str, keys: list[str]) -> bool:
     """The message names one of the given (dotted) keys, a dotted prefix of one, or ``--set``."""
     if "--set" in msg:
@@ -184,10 +271,18 @@ def _names_a_field(msg: str, keys: list[str]) -> bool:
     for key in keys:
         parts = key.strip().split(".")
         for i in range(len(parts), 0, -1):
-            prefix = ".".join(parts[:i])
-            if prefix and (prefix in msg or repr(prefix)[1:-1] in msg):
+            if _mentions(msg, ".".join(parts[:i])):
                 return True
     return False
+
+
+def test_names_a_field_needs_the_key_as_a_word() -> None:
+    assert _names_a_field("unknown key 'a' in section train", ["a"])
+    assert _names_a_field("train.epochs: must be >= 1", ["train.epochs"])
+    assert _names_a_field("unknown key 'train.bogus'", ["train.bogus.x"])
+    assert not _names_a_field("value must be an integer", ["a"])
+    assert not _names_a_field("train.epochs: must be >= 1", ["t"])
+    assert not _names_a_field("sprout.dirichlet_alpha: bad", ["alpha"])
 
 
 def _check_one_line(err: ConfigError) -> str:
@@ -264,27 +359,96 @@ def test_unsafe_yaml_tags_are_refused_and_never_executed(tmp_path, monkeypatch, 
 # --------------------------------------------------------------- 7. security defaults
 
 
-def test_make_ui_binds_loopback_only() -> None:
-    text = (ROOT / "Makefile").read_text()
-    recipe = text.split("\nui:", 1)[1].split("\n\n", 1)[0]
-    assert "mlflow ui" in recipe or "mlflow server" in recipe
-    assert "--host 127.0.0.1" in recipe
-    assert "0.0.0.0" not in text
+def test_make_ui_binds_loopback_only(tmp_path) -> None:
+    """The command ``make ui`` runs (``make -n ui``), started on a free port: its sockets are loopback."""
+    import shlex
+
+    made = subprocess.run(["make", "-s", "-n", "ui"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    line = next(ln for ln in made.stdout.splitlines() if "mlflow ui" in ln or "mlflow server" in ln)
+    argv = shlex.split(line)
+    port = _free_port()
+    argv[argv.index("--port") + 1] = str(port)
+    argv[argv.index("--backend-store-uri") + 1] = f"sqlite:///{tmp_path / 'ui.db'}"
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, "make ui's mlflow exited"
+            if not (time.time() < deadline):
+                pytest.fail("make ui's mlflow never answered")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        socks = _listening([proc.pid, *_descendants(proc.pid)])
+        assert (("127.0.0.1", port) in socks) and {ip for ip, _ in socks} == {"127.0.0.1"}, sorted(socks)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        _reap_group(proc.pid, 30)
 
 
 # ---------------------------------------------------------------- 5. MLflow unavailable
 
 
-def test_mlflow_down_at_start_is_one_clear_line_before_anything_starts(tmp_path) -> None:
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_free_port()}")
+@pytest.fixture
+def ray_tmpdir():
+    """A fresh, empty folder as Ray's temp root (``RAY_TMPDIR``): a Ray that starts writes ``ray/`` there.
+    Short and under /tmp: Ray's socket paths must fit 107 bytes."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_mlflow_down_at_start_is_one_clear_line_before_anything_starts(tmp_path, ray_tmpdir) -> None:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_free_port()}", RAY_TMPDIR=str(ray_tmpdir))
     env.pop("RAY_ADDRESS", None)
-    out = subprocess.run([PY, "-m", "orchestrator", "train", str(DIGITS)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+    # eval.attacks=[]: digits' transfer attack needs a source outside compare (a config error, exit 2)
+    out = subprocess.run([PY, "-m", "orchestrator", "train", str(DIGITS), "--set", "eval.attacks=[]"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr[-2000:]
     lines = _nonblank(out.stderr)
     assert len(lines) == 1 and "not reachable" in lines[0] and "MLFLOW_TRACKING_URI" in lines[0], lines
     assert "Ray" not in out.stderr and "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == []  # no ray_results, no mlflow.db, nothing
+    assert list(ray_tmpdir.iterdir()) == []  # Ray never started
+
+
+_CPUS = os.cpu_count() or 1
+_TOO_BIG = f"scaling.num_workers={4 * _CPUS}"  # twice the host's cores at digits' 0.5 CPU per worker
+_PLAN_MSG = (f"sprout: config error: scaling: the plan needs {{need}} CPU but the cluster has {_CPUS} CPU; lower "
+             "scaling.num_workers, scaling.cpus_per_worker or scaling.gpus_per_worker (or set scaling.use_gpu: false)")
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    (["train", str(DIGITS), "--set", "sprout.dirichlet_alpha=7"], "sprout.dirichlet_alpha"),
+    (["train", str(DIGITS), "--set", _TOO_BIG], _PLAN_MSG.format(need=f"{2 * _CPUS:g}")),
+    (["validate", str(DIGITS), "--set", _TOO_BIG], _PLAN_MSG.format(need=f"{2 * _CPUS:g}")),
+    # a trial of a comparison or sweep also needs its Tune driver's 0.01 CPU
+    (["compare", str(DIGITS), "--set", _TOO_BIG], _PLAN_MSG.format(need=f"{2 * _CPUS + 0.01:g}")),
+    (["sweep", str(DIGITS), "--space", "sensitivity_small", "--set", _TOO_BIG],
+     _PLAN_MSG.format(need=f"{2 * _CPUS + 0.01:g}")),
+    (["sweep", str(DIGITS), "--space", "nope"], "unknown search space 'nope'"),
+], ids=["bad-value", "train-plan", "validate-plan", "compare-plan", "sweep-plan", "bad-space"])
+def test_refused_commands_touch_neither_ray_nor_mlflow(argv, line, tmp_path, ray_tmpdir) -> None:
+    """Exit 2 with one line, and nothing written: not in the working directory (``./mlflow.db``, the
+    default store, and ``./ray_results``), not in Ray's temp root; MLFLOW_TRACKING_URI is unset."""
+    env = dict(os.environ, RAY_TMPDIR=str(ray_tmpdir))
+    for k in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        env.pop(k, None)
+    out = subprocess.run([PY, "-m", "orchestrator", *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = _nonblank(out.stderr)
+    assert len(lines) == 1 and line in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
+    assert list(ray_tmpdir.iterdir()) == []
 
 
 class _MlflowServer:
@@ -393,11 +557,68 @@ def test_mlflow_down_mid_run_buffers_then_delivers_exactly_once_or_falls_back_to
 
 
 @pytest.mark.ray
+@pytest.mark.slow
+def test_mlflow_down_during_a_real_sprout_train_is_buffered_and_delivered_once(
+        ray_local, tmp_path, session_dir, monkeypatch) -> None:
+    """``sprout train`` (in this process, on the shared Ray) logging to a real ``mlflow server`` that
+    is stopped while epochs 2 and 3 are logged and back for epoch 4: the run finishes (exit 0),
+    every per-epoch metric has steps 1..4 exactly once, nothing is left for ``replay-metrics``."""
+    from orchestrator.cli import main
+
+    server = _MlflowServer(tmp_path, _free_port())
+    name, epochs = f"outage-{uuid.uuid4().hex[:6]}", 4
+    debug = session_dir / "debug" / name
+    debug.mkdir(parents=True)
+    rr = tmp_path / "rr"
+    sets = [f"storage.path={rr}", "experiment=test-reliability-outage", f"train.epochs={epochs}", "eval.attacks=[]",
+            "train.val_pgd_steps=2", "train.checkpoint_keep=10", *SLOW_DATA]
+    box: dict = {}
+    try:
+        server.start()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+        (debug / "pause-at-epoch").write_text("1")  # rank 0 holds at the start of epoch 2 ...
+        th = threading.Thread(target=lambda: box.setdefault("code", main(
+            ["train", str(DIGITS), "--name", name, *[a for x in sets for a in ("--set", x)]])), daemon=True)
+        th.start()
+
+        def wait_for(path: Path) -> None:
+            deadline = time.time() + HANG_GUARD_S
+            while not path.exists():
+                if not (th.is_alive() and time.time() < deadline):
+                    pytest.fail(f"{path.name} never appeared: {box}")
+                time.sleep(0.05)
+
+        wait_for(debug / "paused-at-epoch-1")
+        server.stop()  # ... while the tracking server goes away
+        (debug / "resume").write_text("")
+        wait_for(debug / "worker-0-epoch-2.json")  # epoch 2 logged (buffered); epoch 3 (seconds) begins
+        (debug / "resume").unlink()
+        (debug / "pause-at-epoch").write_text("3")  # hold again at the start of epoch 4
+        wait_for(debug / "paused-at-epoch-3")  # epochs 2 and 3 were logged while it was down
+        server.start()
+        (debug / "resume").write_text("")
+        th.join(timeout=HANG_GUARD_S)
+        assert not th.is_alive() and box.get("code") == 0, box
+        c = tracking.client(server.uri)
+        runs = _runs_with_key(c, "test-reliability-outage", name)
+        assert len(runs) == 1 and c.get_run(runs[0].info.run_id).info.status == "FINISHED"
+        for key in PER_EPOCH:
+            assert _steps(c, runs[0].info.run_id, key) == list(range(1, epochs + 1)), key
+        assert not list(rr.rglob("mlflow_pending.jsonl"))
+    finally:
+        (debug / "resume").write_text("")
+        server.stop()
+
+
+@pytest.mark.ray
 def test_local_ray_dashboard_is_loopback_and_token_auth_is_enforced(ray_local) -> None:
     import ray._private.worker as ray_worker
 
     dash = ray_worker.get_dashboard_url()
     assert dash.rsplit(":", 1)[0] == "127.0.0.1", dash
+    # the socket itself: the dashboard / job API port of this process's Ray listens on loopback only
+    socks = _listening(_descendants(os.getpid()))
+    assert {ip for ip, port in socks if port == int(dash.rsplit(":", 1)[1])} == {"127.0.0.1"}, sorted(socks)
     ray_cli = str(BIN / "ray")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     denied = subprocess.run([ray_cli, "job", "list", f"--address=http://{dash}"], env={**env, "RAY_AUTH_MODE": "disabled"},
@@ -412,18 +633,25 @@ def test_local_ray_dashboard_is_loopback_and_token_auth_is_enforced(ray_local) -
 @pytest.mark.ray
 @pytest.mark.slow
 def test_nan_loss_fails_the_run_naming_epoch_step_and_method_and_keeps_the_good_checkpoint(
-        ray_local, tmp_path, session_dir) -> None:
-    """LR ×1e30 after one good epoch: the loss overflows in epoch 2; no Ray retry."""
-    from orchestrator.runner import run_training
+        ray_local, tmp_path, session_dir, capsys) -> None:
+    """LR ×1e30 after one good epoch: the loss overflows in epoch 2; no Ray retry. Through the CLI
+    (``sprout train`` in this process, on the shared Ray): exit 1 and one stderr line."""
+    from orchestrator.cli import main
     from trainables.checkpoint import load_checkpoint
 
-    cfg = digits_cfg(tmp_path, "experiment=test-reliability", "method=natural", "train.epochs=2",
-                     "train.schedule=step", "train.milestones=[0.5]", "train.gamma=1e30", "train.val_pgd_steps=0")
+    sets = ["experiment=test-reliability", "method=natural", "train.epochs=2", "train.schedule=step",
+            "train.milestones=[0.5]", "train.gamma=1e30", "train.val_pgd_steps=0"]
+    cfg = digits_cfg(tmp_path, *sets)
     name = f"nan-{uuid.uuid4().hex[:6]}"
-    with pytest.raises(RuntimeError) as e:
-        run_training(cfg, name)
-    msg = str(e.value)
-    assert "non-finite loss at epoch 2, step " in msg and "(method natural)" in msg, msg
+    base = [f"storage.path={cfg.storage.path}", "eval.attacks=[]", "train.checkpoint_keep=10"]
+    code = main(["train", str(DIGITS), "--name", name, *[a for x in base + sets for a in ("--set", x)]])
+    # in process, Ray's and MLflow's own log lines share stderr: sprout's is the one line it starts
+    lines = [ln for ln in _nonblank(capsys.readouterr().err) if ln.startswith("sprout:")]
+    assert code == 1, lines
+    assert len(lines) == 1 and lines[0].startswith(f"sprout: train failed: RuntimeError: training run '{name}' failed: "
+                                                   "non-finite loss at epoch 2, step "), lines
+    msg = lines[0]
+    assert "(method natural)" in msg and "the last good checkpoint is kept" in msg, msg
     step = int(msg.split("non-finite loss at epoch 2, step ")[1].split()[0])
     assert step >= 1
 
@@ -512,7 +740,11 @@ def test_sigterm_and_ctrl_c_stop_sprout_train_mark_killed_exit_130_and_rerun_res
                             "eval.attacks=[]", "train.val_pgd_steps=2", "train.checkpoint_keep=10", *SLOW_DATA])
     c = tracking.client(f"sqlite:///{store}")
     logged, pids = 0, {}
+    (debug / name).mkdir(parents=True)
     for sig, to_group in ((signal.SIGTERM, False), (signal.SIGINT, True)):
+        # rank 0 waits at the start of the next epoch (the drill hook), so the signal always lands
+        # mid-run: the run cannot race to its last epoch before it
+        (debug / name / "pause-at-epoch").write_text(str(logged + 1))
         err_path = tmp_path / f"{sig.name}.err"
         with err_path.open("w") as err:
             proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
@@ -531,7 +763,8 @@ def test_sigterm_and_ctrl_c_stop_sprout_train_mark_killed_exit_130_and_rerun_res
         assert "re-run the same command to resume" in stderr
         assert c.get_run(run_id).info.status == "KILLED"
         before = _steps(c, run_id, "train/loss")
-        assert logged < len(before) < epochs and before == list(range(1, len(before) + 1)), (sig.name, before)
+        assert before == list(range(1, logged + 2)), (sig.name, before)  # exactly one more epoch
+        assert (debug / name / f"paused-at-epoch-{logged + 1}").exists()
         logged = len(before)
         pids[sig.name] = {e: _record_pid(debug / name, e) for e in range(_latest_ckpt_epoch(run_dir))}
     assert len(_runs_with_key(c, exp, name)) == 1
@@ -539,6 +772,7 @@ def test_sigterm_and_ctrl_c_stop_sprout_train_mark_killed_exit_130_and_rerun_res
     resumed_at = min(len(pids["SIGTERM"]), len(pids["SIGINT"]))
     assert resumed_at >= 1 and all(pids["SIGINT"][e] == pids["SIGTERM"][e] for e in range(resumed_at))
 
+    (debug / name / "pause-at-epoch").unlink()
     rerun = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "(resumed)" in rerun.stdout
@@ -666,6 +900,9 @@ def test_sigterm_stops_sprout_compare_before_its_next_phase_and_rerun_finishes(t
            "--n-examples", "32", "--name", name, *[a for s in sets for a in ("--set", s)]]
     c = tracking.client(f"sqlite:///{store}")
     natural_dir = rr / f"{name}-natural"
+    for phase in ("natural", "sprout"):  # each holds at epoch 2 once: the signals land mid-phase
+        (debug / f"{name}-{phase}").mkdir(parents=True)
+        (debug / f"{name}-{phase}" / "pause-at-epoch").write_text("1")
     code = _stop_with(signal.SIGTERM, False, cmd, env, tmp_path, tmp_path / "term.err",
                       lambda: _latest_ckpt_epoch(natural_dir) >= 1)
     stderr = (tmp_path / "term.err").read_text()
@@ -676,6 +913,22 @@ def test_sigterm_stops_sprout_compare_before_its_next_phase_and_rerun_finishes(t
     kept = {e: _record_pid(debug / f"{name}-natural", e) for e in range(_latest_ckpt_epoch(natural_dir))}
     assert kept and len(kept) < epochs
 
+    # Ctrl-C (SIGINT to the process group) of the re-run while SPROUT (phase 2) trains
+    sprout_dir = rr / f"{name}-sprout"
+    code = _stop_with(signal.SIGINT, True, cmd, env, tmp_path, tmp_path / "int.err",
+                      lambda: _latest_ckpt_epoch(sprout_dir) >= 1)
+    stderr = (tmp_path / "int.err").read_text()
+    assert code == 130, stderr[-3000:]
+    assert "re-run the same command to resume" in stderr
+    parent, kids = _children(c, exp, name)
+    assert parent.info.status == "KILLED"
+    assert sorted((k.info.run_name, k.info.status) for k in kids) == [
+        (f"{name}-natural", "FINISHED"), (f"{name}-sprout", "KILLED")]
+    assert all(_record_pid(debug / f"{name}-natural", e) == pid for e, pid in kept.items())
+    kept_sprout = {e: _record_pid(debug / f"{name}-sprout", e) for e in range(_latest_ckpt_epoch(sprout_dir))}
+    assert kept_sprout and len(kept_sprout) < epochs
+    natural_done = {e: _record_pid(debug / f"{name}-natural", e) for e in range(epochs)}
+
     rerun = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     parent, kids = _children(c, exp, name)
@@ -684,26 +937,43 @@ def test_sigterm_stops_sprout_compare_before_its_next_phase_and_rerun_finishes(t
         (f"{name}-natural", "FINISHED"), (f"{name}-sprout", "FINISHED")]
     natural = next(k for k in kids if k.info.run_name.endswith("natural"))
     assert _steps(c, natural.info.run_id, "train/loss") == list(range(1, epochs + 1))
-    assert all(_record_pid(debug / f"{name}-natural", e) == pid for e, pid in kept.items())
-    assert "test/pgd20_acc" in c.get_run(natural.info.run_id).data.metrics
+    assert all(_record_pid(debug / f"{name}-natural", e) == pid for e, pid in natural_done.items())  # not again
+    sprout = next(k for k in kids if k.info.run_name.endswith("sprout"))
+    assert _steps(c, sprout.info.run_id, "train/loss") == list(range(1, epochs + 1))
+    assert all(_record_pid(debug / f"{name}-sprout", e) == pid for e, pid in kept_sprout.items())
+    for k in (natural, sprout):
+        assert "test/pgd20_acc" in c.get_run(k.info.run_id).data.metrics
 
 
 # ------------------------------------------------- simulated cluster (shuts Ray down)
 
 
+@pytest.fixture
+def own_ray(monkeypatch, mlflow_uri, session_dir):
+    """No shared in-process Ray during the test; the one that ran before is back after it."""
+    import ray
+
+    was = ray.is_initialized()
+    ray.shutdown()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.setenv("SPROUT_DEBUG_DIR", str(session_dir / "debug"))
+    yield
+    ray.shutdown()
+    if was:
+        from orchestrator.session import ensure_ray
+
+        ensure_ray()
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_lost_node_without_replacement_fails_clearly_after_the_configured_wait(
-        tmp_path, mlflow_uri, session_dir) -> None:
+        tmp_path, session_dir, own_ray) -> None:
     """The only worker node dies and none joins: a clear failure, not Ray's endless retry."""
     import ray
     from ray.cluster_utils import Cluster
 
     from orchestrator.runner import run_training
-
-    ray.shutdown()
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
-    os.environ["SPROUT_DEBUG_DIR"] = str(session_dir / "debug")
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0,
         "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,

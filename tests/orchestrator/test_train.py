@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import yaml
 
 from orchestrator import tracking
 from orchestrator.runner import run_training
-from tests.conftest import digits_cfg
+from tests.conftest import ROOT, digits_cfg
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -35,6 +37,38 @@ def _final_state(path: str) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
 
+def _records(debug: Path) -> dict[tuple[int, int], dict]:
+    """(rank, epoch) → the worker's record of that epoch (pid, node_id, indices), with the file's mtime."""
+    out = {}
+    for p in debug.glob("worker-*-epoch-*.json"):
+        _, rank, _, epoch = p.stem.split("-")
+        out[int(rank), int(epoch)] = {**json.loads(p.read_text()), "mtime_ns": p.stat().st_mtime_ns}
+    return out
+
+
+def run_config(run_id: str):
+    """The config a run trained with, from its ``config.yaml`` artifact."""
+    import tempfile
+
+    from orchestrator.config import from_dict
+
+    with tempfile.TemporaryDirectory() as d:
+        return from_dict(yaml.safe_load(Path(tracking.client().download_artifacts(run_id, "config.yaml", d)).read_text()))
+
+
+def recompute(cfg, checkpoint: str, attacks: list[str], n_examples: int) -> dict[str, float]:
+    """The suite on ``checkpoint`` in this process (one shard, no Ray): what a logged number must equal."""
+    from orchestrator.evaluate import eval_config, load_model
+    from orchestrator.storage import load_checkpoint
+    from orchestrator.worker import datasets
+    from trainables.evaluation import run_suite
+
+    model = load_model(cfg, load_checkpoint(checkpoint)["model"])
+    test = datasets(cfg, ("test",))["test"]
+    res = run_suite(model, test, attacks, eval_config(cfg, attacks, n_examples), device="cpu")
+    return res.accuracies()
+
+
 @pytest.fixture(scope="module")
 def two_worker_run(tmp_path_factory, mlflow_uri, session_dir):
     """One 2-worker SPROUT run on digits, shared by the tests below (Ray start-up is costly)."""
@@ -44,10 +78,16 @@ def two_worker_run(tmp_path_factory, mlflow_uri, session_dir):
 
     os.environ["SPROUT_DEBUG_DIR"] = str(session_dir / "debug")
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
+    # the git_sha tag must come from the checkout itself (SPROUT_GIT_SHA overrides it on clusters)
+    sha_env = os.environ.pop("SPROUT_GIT_SHA", None)
     ensure_ray()
     tmp = tmp_path_factory.mktemp("two")
     cfg = digits_cfg(tmp, "scaling.num_workers=2", "experiment=test-two-workers", "train.epochs=3")
-    out = run_training(cfg, "two-workers")
+    try:
+        out = run_training(cfg, "two-workers")
+    finally:
+        if sha_env is not None:
+            os.environ["SPROUT_GIT_SHA"] = sha_env
     assert ray.is_initialized()
     return cfg, out, session_dir / "debug" / "two-workers"
 
@@ -64,7 +104,8 @@ def test_two_workers_log_one_mlflow_run_per_spec(two_worker_run) -> None:
         assert run.data.metrics[key] > 0
     tags = run.data.tags
     assert tags["method"] == "sprout" and tags["model"] == "small_cnn" and tags["dataset"] == "digits"
-    assert tags["sprout_kind"] == "train" and len(tags["git_sha"]) >= 7
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert tags["sprout_kind"] == "train" and tags["git_sha"] == head.stdout.strip()
     assert run.data.params["sprout.dirichlet_alpha"] == "0.01"
     assert run.data.params["scaling.num_workers"] == "2"
     for m in c.get_metric_history(out.run_id, "train/acc") + c.get_metric_history(out.run_id, "val/clean_acc"):
@@ -78,18 +119,32 @@ def test_logged_model_loads_and_reproduces_val_accuracy(two_worker_run) -> None:
 
     from orchestrator.worker import datasets
     from trainables.checkpoint import load_checkpoint
-    from trainables.loop import evaluate_counts, make_loader
 
     cfg, out, _ = two_worker_run
+    # the exported (pt2) module, as users load it; it is in eval mode already (and refuses .eval())
     model = mlflow.pytorch.load_model(f"runs:/{out.run_id}/model")
     selected = tracking.client().get_run(out.run_id).data.tags["sprout.selected_checkpoint"]
     epoch = load_checkpoint(selected)["epoch"] + 1
     logged = {m.step: m.value for m in tracking.client().get_metric_history(out.run_id, "val/clean_acc")}[epoch]
-    val = datasets(cfg, ("val",))["val"]
-    correct, n = evaluate_counts(model, make_loader(val, 256, seed=0, shuffle=False), torch.device("cpu"))
-    assert correct / n == pytest.approx(logged, abs=1e-9)
-    x, _ = val.tensors()
+    x, y = datasets(cfg, ("val",))["val"].tensors()
+    with torch.no_grad():
+        correct = int((torch.cat([model(x[i:i + 256]) for i in range(0, len(y), 256)]).argmax(1) == y).sum())
+    assert correct / len(y) == pytest.approx(logged, abs=1e-9)
     assert model(x[:4]).shape == (4, 10)  # takes [0,1] images, returns logits
+
+
+def test_selected_checkpoint_is_the_argmax_of_the_selection_metric(two_worker_run) -> None:
+    """SPROUT selects by val/pgd_acc: the selected checkpoint is an epoch where it is highest."""
+    from trainables.checkpoint import load_checkpoint
+
+    cfg, out, _ = two_worker_run
+    c = tracking.client()
+    hist = {m.step: m.value for m in c.get_metric_history(out.run_id, "val/pgd_acc")}
+    assert sorted(hist) == [1, 2, 3]
+    assert len(set(hist.values())) > 1, f"no epoch is better than another; the test shows nothing: {hist}"
+    epoch = load_checkpoint(out.best_checkpoint_path)["epoch"] + 1
+    assert hist[epoch] == max(hist.values()), (epoch, hist)
+    assert c.get_run(out.run_id).data.tags["sprout.selected_checkpoint"] == out.best_checkpoint_path
 
 
 def test_workers_trained_on_disjoint_equal_shards(two_worker_run) -> None:
@@ -105,8 +160,11 @@ def test_workers_trained_on_disjoint_equal_shards(two_worker_run) -> None:
 
 
 def test_rerunning_a_finished_name_resumes_without_a_duplicate_run(two_worker_run) -> None:
-    cfg, first, _ = two_worker_run
+    cfg, first, debug = two_worker_run
+    before = _records(debug)
+    assert sorted(before) == [(r, e) for r in (0, 1) for e in range(3)]
     again = run_training(cfg, "two-workers")
+    assert _records(debug) == before, "a finished run trained epochs again on re-run"
     c = tracking.client()
     assert again.resumed and again.run_id == first.run_id
     assert len(_runs_with_key(c, cfg.experiment, "two-workers")) == 1
@@ -123,6 +181,18 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_weights(two_worker
     (debug / "kill-at-epoch").write_text("2")
     out = run_training(cfg, "killed")
     assert (debug / "killed-at-epoch-2").exists(), "the fault was not injected"
+    killed = int((debug / "killed-at-epoch-2").read_text())
+    recs = _records(debug)
+    assert sorted(recs) == [(r, e) for r in (0, 1) for e in range(3)]
+    by_killed = [e for e in range(3) if recs[0, e]["pid"] == killed]
+    # Resumed, not retrained: the killed worker's epochs up to a registered checkpoint (epoch 1, or 2
+    # if the controller had polled it before the kill) were kept; the restart trained only the rest.
+    assert by_killed and by_killed == list(range(len(by_killed))) and len(by_killed) < 3, by_killed
+    first_new = len(by_killed)
+    assert (debug / f"worker-0-epoch-{first_new}.json").exists()
+    new_pids = {recs[r, e]["pid"] for r in (0, 1) for e in range(first_new, 3)}
+    old_pids = {recs[r, e]["pid"] for r in (0, 1) for e in range(first_new)}
+    assert killed not in new_pids and not new_pids & old_pids, (recs, first_new)
     c = tracking.client()
     assert len(_runs_with_key(c, cfg.experiment, "killed")) == 1
     assert _steps(c, out.run_id, "train/loss") == [1, 2, 3]
@@ -131,17 +201,74 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_weights(two_worker
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
 
 
-def test_sprout_eval_run_id_logs_test_metrics_to_the_training_run(two_worker_run, capsys) -> None:
+def test_sprout_eval_run_id_logs_test_metrics_to_the_training_run(two_worker_run, capsys, tmp_path) -> None:
     from orchestrator.cli import main
 
-    _, out, _ = two_worker_run
+    cfg, out, _ = two_worker_run
     code = main(["eval", "--run-id", out.run_id, "--attacks", "pgd20,invariance", "--n-examples", "60"])
     assert code == 0
     m = tracking.client().get_run(out.run_id).data.metrics
     for k in ("test/clean_acc", "test/pgd20_acc", "test/rotation_acc", "test/gray_acc"):
         assert 0.0 <= m[k] <= 1.0, k
-    assert m["test/pgd20_acc"] <= m["test/clean_acc"]
+    # the numbers are those of the run's own selected checkpoint, not of another model
+    want = recompute(run_config(out.run_id), out.best_checkpoint_path, ["pgd20", "invariance"], 60)
+    for k in ("test/clean_acc", "test/pgd20_acc", "test/rotation_acc", "test/gray_acc"):
+        assert m[k] == want[k], (k, m[k], want[k])
     assert "pgd20" in capsys.readouterr().out
+
+    # `sprout eval CHECKPOINT --config C`: a new run (kind eval) with the same numbers, plus the
+    # accuracy-vs-ε figure of eval.eps_curve
+    conf = tmp_path / "trained.yaml"
+    conf.write_text(yaml.safe_dump(cfg.to_dict()))
+    code = main(["eval", out.best_checkpoint_path, "--config", str(conf), "--attacks", "pgd20", "--n-examples", "60",
+                 "--set", "eval.eps_curve=[0.05,0.2]"])
+    assert code == 0
+    capsys.readouterr()
+    c = tracking.client()
+    exp = c.get_experiment_by_name(cfg.experiment).experiment_id
+    (run,) = c.search_runs([exp], filter_string="tags.`sprout_kind` = 'eval'")
+    new_id = run.info.run_id
+    assert new_id != out.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["sprout_kind"] == "eval"
+    assert run.data.tags["sprout.selected_checkpoint"] == out.best_checkpoint_path
+    got = run.data.metrics
+    assert got["test/clean_acc"] == m["test/clean_acc"] and got["test/pgd20_acc"] == m["test/pgd20_acc"]
+    assert {"test/pgd20_acc_eps0.05", "test/pgd20_acc_eps0.2"} <= set(got), sorted(got)
+    plots = {a.path for a in c.list_artifacts(new_id, "plots")}
+    assert "plots/accuracy_vs_eps.png" in plots, plots
+    assert "plots/accuracy_vs_eps.png" not in {a.path for a in c.list_artifacts(out.run_id, "plots")}
+
+
+def test_sprout_eval_exit_codes_2_for_usage_and_1_for_a_failed_evaluation(two_worker_run, capsys, tmp_path) -> None:
+    from orchestrator.cli import main
+
+    cfg, out, _ = two_worker_run
+    conf = tmp_path / "trained.yaml"
+    conf.write_text(yaml.safe_dump(cfg.to_dict()))
+    c = tracking.client()
+    exp = c.get_experiment_by_name(cfg.experiment).experiment_id
+    n_runs = len(c.search_runs([exp]))
+    for argv, needle in [
+        (["eval"], "exactly one of CHECKPOINT"),
+        (["eval", out.best_checkpoint_path], "needs --config"),
+        (["eval", "--run-id", "0" * 32], "no such MLflow run"),
+        (["eval", "--run-id", out.run_id, "--attacks", "pgd7"], "unknown attack 'pgd7'"),
+        (["eval", "--run-id", out.run_id, "--n-examples", "0"], "--n-examples"),
+    ]:
+        assert main(argv) == 2, argv
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith("sprout: config error: ") and needle in err[0], (argv, err)
+    # a checkpoint that fails its checksum: the evaluation fails (exit 1), naming the file
+    bad = tmp_path / "tampered"
+    shutil.copytree(out.best_checkpoint_path, bad)
+    f = next(p for p in bad.iterdir() if p.is_file())
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    assert main(["eval", str(bad), "--config", str(conf), "--attacks", "pgd20", "--n-examples", "8"]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("sprout: eval failed: CheckpointError") and str(bad) in err[0], err
+    assert len(c.search_runs([exp])) == n_runs  # no run was created for the failed evaluation
 
 
 def test_evaluation_sharded_over_two_ray_tasks_equals_one_process(two_worker_run) -> None:

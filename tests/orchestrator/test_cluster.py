@@ -1,7 +1,7 @@
 """Multi-node behaviour on a simulated cluster, and a real ``ray job submit`` (issue 3).
 
-Named ``test_zz_*`` so it runs after the tests that share the in-process Ray instance:
-it shuts that instance down to start its own clusters.
+Each test starts its own cluster: the ``own_ray`` fixture shuts the shared in-process Ray down
+first and starts it again afterwards if it was running, so the order of tests does not matter.
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,9 +22,16 @@ import pytest
 
 from orchestrator import tracking
 from tests.conftest import ROOT, digits_cfg
-from tests.orchestrator.test_reliability import SLOW_DATA, _latest_ckpt_epoch
+from tests.orchestrator.test_reliability import (  # noqa: F401 - own_ray is a fixture
+    SLOW_DATA,
+    _alive,
+    _latest_ckpt_epoch,
+    _listening,
+    _stop_processes,
+    own_ray,
+)
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("own_ray")]
 
 
 def _free_port() -> int:
@@ -31,15 +40,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_node_removed_mid_run_and_replaced_run_finishes(tmp_path, mlflow_uri, session_dir) -> None:
+def test_node_removed_mid_run_and_replaced_run_finishes(tmp_path, session_dir) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
     from orchestrator.runner import run_training
 
-    ray.shutdown()
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
-    os.environ["SPROUT_DEBUG_DIR"] = str(session_dir / "debug")
     # Fast failure detection (default: ~30 s of missed heartbeats) so the loss lands mid-run.
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0,
@@ -62,6 +68,7 @@ def test_node_removed_mid_run_and_replaced_run_finishes(tmp_path, mlflow_uri, se
                 pytest.fail("training never reached epoch 2")
             time.sleep(0.2)
         first_pid = int((debug / "paused-at-epoch-1").read_text())
+        old_node = json.loads((debug / "worker-0-epoch-0.json").read_text())["node_id"]
         # Rank 0 reported epoch 1 before pausing; the controller registers that checkpoint
         # when it next polls. Kill the node only after, or the run rightly restarts from scratch.
         while _latest_ckpt_epoch(tmp_path / "ray_results" / "node-loss") < 1:
@@ -74,47 +81,88 @@ def test_node_removed_mid_run_and_replaced_run_finishes(tmp_path, mlflow_uri, se
             if not (th.is_alive() and time.time() < deadline):
                 pytest.fail("no new worker started after the node loss")
             time.sleep(0.2)
-        (debug / "resume").write_text("")  # release the orphaned process of the dead node
+        # The dead node's worker may outlive its raylet, paused: end it (it is this test's own
+        # process), never release it, or it would go on training and writing records.
+        if _alive(first_pid):
+            os.kill(first_pid, signal.SIGKILL)
         th.join(timeout=600)
         assert not th.is_alive()
         out = box["out"]
         c = tracking.client()
         steps = sorted(m.step for m in c.get_metric_history(out.run_id, "train/loss"))
         assert steps == [1, 2, 3, 4]
-        pids = {json.loads(p.read_text())["pid"] for p in debug.glob("worker-0-epoch-*.json")}
-        assert len(pids) >= 2 and first_pid in pids, "the run did not move to a new worker process"
+        recs = {e: json.loads((debug / f"worker-0-epoch-{e}.json").read_text()) for e in range(4)}
+        # epoch 1 (checkpointed before the loss) was not trained again; the new worker, on the new
+        # node, resumed from it and trained epochs 2-4 (epoch 2 again: the old worker never finished it)
+        assert recs[0]["pid"] == first_pid and recs[0]["node_id"] == old_node
+        new_pids = {recs[e]["pid"] for e in (1, 2, 3)}
+        assert len(new_pids) == 1 and first_pid not in new_pids, recs
+        assert {recs[e]["node_id"] for e in (1, 2, 3)} == {recs[1]["node_id"]} != {old_node}
+        assert not (debug / "resume").exists()
     finally:
         ray.shutdown()
         cluster.shutdown()
 
 
 @pytest.mark.skipif(shutil.which("ray", path=str(Path(sys.executable).parent)) is None, reason="ray CLI missing")
+def _head_processes(pgid: int, temp_dir: str) -> list[int]:
+    """This test's head: the processes of ``ray start``'s process group or naming its --temp-dir."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or not _alive(int(p.name)):
+            continue
+        try:
+            pg = int((p / "stat").read_text().rsplit(")", 1)[1].split()[2])
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if pg == pgid or temp_dir in cmd:
+            out.append(int(p.name))
+    return out
+
+
 def test_ray_job_submit_runs_sprout_train_and_logs_to_mlflow(tmp_path, session_dir) -> None:
     """A real head (127.0.0.1, token auth), a real job submission of the laptop command."""
-    import ray
-
-    ray.shutdown()
     bindir = Path(sys.executable).parent
     gcs, dash = _free_port(), _free_port()
     store = tmp_path / "mlflow.db"
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{bindir}:{os.environ['PATH']}",
                MLFLOW_TRACKING_URI=f"sqlite:///{store}", RAY_ADDRESS="")
     env.pop("RAY_ADDRESS")
-    head = subprocess.run(
+    # Our own --temp-dir (short: Ray's socket paths must fit 107 bytes) and process group: the head
+    # is stopped by its own processes, never by `ray stop`, which ends every Ray on the host.
+    temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")
+    starter = subprocess.Popen(
         [str(bindir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}",
+         # free ports, not the fixed defaults (52365, ...) another Ray on this host may hold: without its
+         # agent the head answers every submission "No available agent"
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
-    assert head.returncode == 0, head.stderr[-2000:]
     try:
+        _, err = starter.communicate(timeout=180)
+        assert starter.returncode == 0, err[-2000:]
+        head_pids = _head_processes(starter.pid, temp_dir)
+        assert head_pids
+        # the dashboard / job API listens on loopback only (the real sockets of the head's processes)
+        socks = _listening(head_pids)
+        assert {ip for ip, port in socks if port == dash} == {"127.0.0.1"}, sorted(socks)
         entry = (f"sprout train configs/digits.yaml --name job-digits --set train.epochs=2 "
                  f"--set storage.path={tmp_path / 'rr'} --set experiment=job-submit --set eval.attacks=[]")
-        sub = subprocess.run(
-            [str(bindir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}",
-             "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"), "--working-dir", str(ROOT),
-             "--submission-id", "sprout-job-test", "--", *entry.split()],
-            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
-        )
+        for _ in range(12):  # a fresh head answers "No available agent" until its dashboard agent is up
+            # cluster/submit.sh: `ray job submit` with cluster/runtime_env.yaml plus this checkout's
+            # commit as SPROUT_GIT_SHA (the uploaded working dir has no .git)
+            sub = subprocess.run(
+                [str(ROOT / "cluster" / "submit.sh"), f"--address=http://127.0.0.1:{dash}",
+                 "--submission-id", "sprout-job-test", "--", *entry.split()],
+                env={k: v for k, v in env.items() if k != "SPROUT_GIT_SHA"}, capture_output=True, text=True,
+                timeout=600, cwd=ROOT,
+            )
+            if "No available agent" not in sub.stdout + sub.stderr:
+                break
+            time.sleep(5)
         assert sub.returncode == 0, (sub.stdout[-3000:], sub.stderr[-3000:])
         status = subprocess.run(
             [str(bindir / "ray"), "job", "status", f"--address=http://127.0.0.1:{dash}", "sprout-job-test"],
@@ -125,10 +173,16 @@ def test_ray_job_submit_runs_sprout_train_and_logs_to_mlflow(tmp_path, session_d
         exp = c.get_experiment_by_name("job-submit")
         runs = c.search_runs([exp.experiment_id])
         assert len(runs) == 1 and runs[0].data.tags["sprout.run_key"] == "job-digits"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        assert runs[0].data.tags["git_sha"] == head.stdout.strip()  # the submitting checkout's commit
         assert sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "val/clean_acc")) == [1, 2]
         _ray_job_stop_is_graceful_and_resubmission_resumes(bindir, dash, env, tmp_path, c)
     finally:
-        subprocess.run([str(bindir / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        if starter.poll() is None:
+            starter.kill()
+        _stop_processes(_head_processes(starter.pid, temp_dir))
+        assert not _head_processes(starter.pid, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _ray_job_stop_is_graceful_and_resubmission_resumes(bindir: Path, dash: int, env: dict, tmp_path: Path, c) -> None:
