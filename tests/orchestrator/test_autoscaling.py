@@ -180,8 +180,9 @@ def test_two_trial_sweep_scales_to_two_nodes(cluster, tmp_path) -> None:
     out = _sprout(cluster, tmp_path, "sweep", str(DIGITS), "--space", "sprout_random", "--samples", "2",
                   "--name", "asc-sweep", *_sets(*sets))
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
-    workers = _worker_nodes(cluster.debug)  # every trial's records (asc-sweep-<trial id>)
-    assert len(list(cluster.debug.glob("asc-sweep-*"))) == 2, (out.stdout[-3000:], out.stderr[-5000:])
+    trials = list(cluster.debug.glob("asc-sweep-*"))  # each trial's records (asc-sweep-<trial id>)
+    assert len(trials) == 2, (out.stdout[-3000:], out.stderr[-5000:])
+    workers = set().union(*(_worker_nodes(t) for t in trials))
     # 1.5 CPU per trial on 2-CPU nodes: two concurrent trials need two nodes
     assert len(workers) == 2 and head not in workers, (workers, head)
 
@@ -189,7 +190,7 @@ def test_two_trial_sweep_scales_to_two_nodes(cluster, tmp_path) -> None:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_nodes_that_never_come_fail_after_startup_timeout_with_one_line(cluster, tmp_path) -> None:
-    sets = ["scaling.use_gpu=true", "scaling.accelerator_type=H100", "scaling.cpus_per_worker=1",
+    sets = ["scaling.use_gpu=true", "scaling.accelerator_type=H100", "scaling.cpus_per_worker=1", "eval.attacks=[]",
             "scaling.startup_timeout_s=20", f"storage.path={tmp_path / 'rr'}", "experiment=asc-never"]
     out = _sprout(cluster, tmp_path, "train", str(DIGITS), "--name", "never", *_sets(*sets))
     assert out.returncode == 1, (out.stdout[-3000:], out.stderr[-3000:])
