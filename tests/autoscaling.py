@@ -45,18 +45,21 @@ class AutoscalingCluster:
     config: dict[str, Any]
 
     def head_node_id(self) -> str:
-        return self.run_py("import ray; ray.init(logging_level='ERROR'); print(ray.get_runtime_context().get_node_id())")
+        return self.run_py("ray.get_runtime_context().get_node_id()")
 
-    def run_py(self, code: str) -> str:
-        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
+    def run_py(self, expr: str) -> str:
+        """``expr`` evaluated by a Ray client of the cluster (the autoscaler's event lines that
+        Ray prints to clients are told apart by a marker)."""
+        code = f"import ray; ray.init(logging_level='ERROR'); print('RESULT=' + str({expr}))"
+        out = subprocess.run([sys.executable, "-c", code], env=dict(self.env, RAY_SCHEDULER_EVENTS="0"),
+                             capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
-        return out.stdout.strip().splitlines()[-1]
+        (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT=")]
+        return line.removeprefix("RESULT=")
 
     def worker_nodes(self) -> int:
         """Alive nodes other than the head."""
-        code = ("import ray; ray.init(logging_level='ERROR'); "
-                "print(sum(1 for n in ray.nodes() if n['Alive'] and 'node:__internal_head__' not in n['Resources']))")
-        return int(self.run_py(code))
+        return int(self.run_py("sum(1 for n in ray.nodes() if n['Alive'] and 'node:__internal_head__' not in n['Resources'])"))
 
 
 def launcher_config(worker_types: dict[str, dict[str, Any]], gcs_port: int, max_workers: int,
