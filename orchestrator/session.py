@@ -107,9 +107,6 @@ def local_resources() -> dict[str, float]:
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
-def available_resources(connect: bool = False) -> dict[str, float]:
-    """What plans are sized against (see :func:`cluster_capacity`)."""
-    return cluster_capacity(connect).schedulable
 
 
 def cluster_capacity(connect: bool = False) -> Capacity:

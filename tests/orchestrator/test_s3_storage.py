@@ -24,6 +24,7 @@ import torch
 from orchestrator import storage, tracking
 from tests.conftest import DIGITS
 from tests.orchestrator.conftest import BUCKET
+from tests.orchestrator.test_reliability import _group_alive, _nonblank, _runs_with_key, _steps
 from tests.services import SeaweedS3, free_port
 
 PY = sys.executable
@@ -50,19 +51,10 @@ def _train(name: str, sets: list[str]) -> list[str]:
     return [PY, "-m", "orchestrator", "train", str(DIGITS), "--name", name, *_sets(sets)]
 
 
-def _nonblank(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.strip()]
 
 
-def _steps(c, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in c.get_metric_history(run_id, key))
 
 
-def _runs_with_key(c, experiment: str, key: str) -> list:
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return c.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.RUN_KEY}` = '{key}'")
 
 
 def _pid(debug: Path, epoch: int) -> int:
@@ -83,16 +75,6 @@ def _checkpoint_keys(s3: SeaweedS3, key_prefix: str) -> list[str]:
     return sorted(k for k in s3.keys(BUCKET, key_prefix + "/") if k.endswith("/checkpoint.pt"))
 
 
-def _group_alive(pgid: int) -> bool:
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z" and int(fields[2]) == pgid:
-                return True
-    return False
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
