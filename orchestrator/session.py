@@ -241,20 +241,24 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
-    from orchestrator.tracking import tracking_uri
+    from orchestrator.tracking import GIT_SHA_ENV, git_sha, tracking_uri
 
-    # Tune trials must keep the driver's working directory, and every Ray process must log
-    # to the driver's MLflow store (the default SQLite path is relative to the cwd). Only
-    # variables this process defaults are forwarded: a job's own runtime_env may set the
-    # others, and Ray refuses to merge the same key twice.
-    defaults = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_CHDIR_TO_TRIAL_DIR": "0",
-                "MLFLOW_TRACKING_URI": tracking_uri()}
+    # Every Ray process of the job (Tune trials, Train workers, evaluation shards), on any
+    # node, must log to *this* process's MLflow store and commit, and trials must keep the
+    # driver's working directory. Workers on other nodes inherit their node's environment,
+    # not this process's: an unforwarded MLFLOW_TRACKING_URI sent a sweep's trials to a
+    # `./mlflow.db` in the worker's cwd. Values set by a submitted job's own runtime_env are
+    # left to it (Ray refuses to merge the same key twice); credentials are never forwarded
+    # (they would show in the job's runtime_env; docs/cluster.md sets them on every node).
+    for k, v in {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_CHDIR_TO_TRIAL_DIR": "0",
+                 "MLFLOW_TRACKING_URI": tracking_uri(), GIT_SHA_ENV: git_sha()}.items():
+        os.environ.setdefault(k, v)
     if not os.environ.get("RAY_ADDRESS"):
         # Ray starts workers at nice 15; on a laptop the training worker is the job, and at
         # low priority it loses CPU share to anything else running (BENCHMARKS.md, Ray overhead).
         os.environ.setdefault("RAY_worker_niceness", "0")
-    forwarded = {k: v for k, v in defaults.items() if k not in os.environ}
-    os.environ.update(forwarded)
+    job_env = _submitted_job_env_vars()
+    forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in job_env}
     env = {"env_vars": forwarded} if forwarded else None
     # ray.init replaces the SIGTERM handler (and its C++ core adds one that aborts the
     # process): keep ours, so `sprout train` stops on SIGTERM as on Ctrl-C (exit 130, run KILLED).
@@ -266,6 +270,25 @@ def ensure_ray() -> None:
     _init_ray(env)
     if callable(sigterm):
         signal.signal(signal.SIGTERM, sigterm)
+
+
+# What every Ray process of a `sprout` job gets from the process that started it (ensure_ray).
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "SPROUT_GIT_SHA", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_CHDIR_TO_TRIAL_DIR")
+
+
+def _submitted_job_env_vars() -> dict[str, str]:
+    """The env_vars of the runtime_env a `ray job submit` gave this driver ({} outside a job)."""
+    import json
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if not raw:
+        return {}
+    try:
+        return dict((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError, TypeError):
+        return {}
 
 
 def _init_ray(env: dict[str, Any] | None) -> None:

@@ -118,7 +118,7 @@ class SeaweedS3:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed mini exited ({self.proc.returncode}); see {log.name}")
-            if _port_open(p["s3"]) and self._bucket_ready():
+            if _port_open(p["s3"]) and self._bucket_ready() and self._data_ready():
                 return self
             time.sleep(0.3)
         self.stop()
@@ -131,6 +131,24 @@ class SeaweedS3:
             self.client().head_bucket(Bucket=self.buckets[0])
             return True
         except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    def _data_ready(self) -> bool:
+        """Objects can be read and written, not only listed: after a restart the S3 gateway and
+        the filer answer before the volume server has re-registered its volumes with the master,
+        and until then a GET of an existing object is a 500 (INTERNAL_FAILURE)."""
+        if not self.buckets:
+            return True
+        c, bucket, probe = self.client(), self.buckets[0], ".sprout-test-ready-probe"
+        try:
+            existing = c.list_objects_v2(Bucket=bucket, MaxKeys=1).get("Contents", [])
+            if existing:
+                c.get_object(Bucket=bucket, Key=existing[0]["Key"], Range="bytes=0-0")["Body"].read()
+            c.put_object(Bucket=bucket, Key=probe, Body=b"ok")
+            ok = c.get_object(Bucket=bucket, Key=probe)["Body"].read() == b"ok"
+            c.delete_object(Bucket=bucket, Key=probe)
+            return ok
+        except Exception:  # noqa: BLE001 - not ready yet
             return False
 
     def stop(self) -> None:
@@ -322,6 +340,24 @@ class MlflowServer:
         )
         with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 - loopback
             assert r.status == 200
+
+    def _data_ready(self) -> bool:
+        """Objects can be read and written, not only listed: after a restart the S3 gateway and
+        the filer answer before the volume server has re-registered its volumes with the master,
+        and until then a GET of an existing object is a 500 (INTERNAL_FAILURE)."""
+        if not self.buckets:
+            return True
+        c, bucket, probe = self.client(), self.buckets[0], ".sprout-test-ready-probe"
+        try:
+            existing = c.list_objects_v2(Bucket=bucket, MaxKeys=1).get("Contents", [])
+            if existing:
+                c.get_object(Bucket=bucket, Key=existing[0]["Key"], Range="bytes=0-0")["Body"].read()
+            c.put_object(Bucket=bucket, Key=probe, Body=b"ok")
+            ok = c.get_object(Bucket=bucket, Key=probe)["Body"].read() == b"ok"
+            c.delete_object(Bucket=bucket, Key=probe)
+            return ok
+        except Exception:  # noqa: BLE001 - not ready yet
+            return False
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -30,6 +30,7 @@ TYPES = {
     "gpu_h100": {"resources": {"CPU": 2, "GPU": 1, "accelerator_type:H100": 1, "object_store_memory": 10**15},
                  "max_workers": 1},
 }
+HEAD_SHA = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 SLOW_DATA = ["data.name=synthetic", "data.num_samples=3000", "data.image_size=16", "data.channels=3"]
 
 
@@ -185,6 +186,16 @@ def test_two_trial_sweep_scales_to_two_nodes(cluster, tmp_path) -> None:
     workers = set().union(*(_worker_nodes(t) for t in trials))
     # 1.5 CPU per trial on 2-CPU nodes: two concurrent trials need two nodes
     assert len(workers) == 2 and head not in workers, (workers, head)
+    # the trials ran on other nodes, whose processes do not inherit the driver's environment:
+    # each logged its epochs to the driver's MLflow store (not a ./mlflow.db of its own)
+    c = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("asc-sweep").experiment_id
+    (parent,) = c.search_runs([exp], filter_string="tags.sprout_kind = 'sweep'")
+    children = c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children), children
+    for r in children:
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "train/loss")] == [1, 2], r.info.run_id
+        assert r.data.tags["git_sha"] == HEAD_SHA
 
 
 @pytest.mark.ray
