@@ -124,9 +124,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.config import checkpoint_metric, require_transfer_source
 
     name = safe_name(args.name) if args.name else default_name(cfg)
+    require_transfer_source(cfg)  # transfer needs eval.transfer_source outside compare (exit 2, before Ray)
     capacity = cluster_capacity()
     check_plan(plan_for(cfg), capacity)
-    require_transfer_source(cfg)  # transfer needs eval.transfer_source outside compare (exit 2)
     _preflight(cfg)
     _start_log(args, cfg, name)
     out = run_training(cfg, name, wait_for_nodes=capacity.autoscaler)

@@ -286,8 +286,13 @@ ExperimentConfig = create_model("ExperimentConfig", __base__=_Base, **_method_se
 def checkpoint_metric(cfg: Any) -> str:
     """The metric checkpoints are selected by: train.checkpoint_metric, or the method's own
     (``Method.selection_metric``: val/clean_acc for natural and label_smoothing, val/pgd_acc
-    for the robust methods; a natural model's PGD accuracy is ≈ 0 and selects noise)."""
-    return cfg.train.checkpoint_metric or METHODS[cfg.method].selection_metric
+    for the robust methods; a natural model's PGD accuracy is ≈ 0 and selects noise). Without a
+    PGD validation (``train.val_pgd_steps`` or ``eval.eps`` 0) there is no val/pgd_acc: clean it is,
+    and that is the name every report shows."""
+    metric = cfg.train.checkpoint_metric or METHODS[cfg.method].selection_metric
+    if metric == "val/pgd_acc" and (cfg.train.val_pgd_steps == 0 or cfg.eval.eps == 0):
+        return "val/clean_acc"
+    return metric
 
 
 def require_transfer_source(cfg: Any, attacks: list[str] | None = None) -> None:

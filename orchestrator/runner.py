@@ -169,10 +169,7 @@ def _score_attr(cfg: Any) -> str:
     """The metric checkpoints are ranked by: ``config.checkpoint_metric`` (per method by default)."""
     from orchestrator.config import checkpoint_metric
 
-    metric = checkpoint_metric(cfg)
-    if metric == "val/pgd_acc" and (cfg.train.val_pgd_steps == 0 or cfg.eval.eps == 0):
-        return "val/clean_acc"  # no PGD validation is run
-    return metric
+    return checkpoint_metric(cfg)
 
 
 def best_checkpoint_path(result: Any, cfg: Any) -> str | None:
@@ -239,6 +236,13 @@ def load_logged_model(model_uri: str) -> Any:
         if "pickle" not in str(e):
             raise
         raise UnsafeModelError(f"{model_uri}: refused to load: {str(e).splitlines()[0]}") from None
+    except (ValueError, RuntimeError) as e:
+        # a weights record that is not the tensor bytes its config describes (a pickle put in
+        # its place, a truncated file): torch reads records as raw bytes and never unpickles them
+        if "Record " not in str(e):
+            raise
+        raise UnsafeModelError(f"{model_uri}: refused to load a tampered or corrupt archive: "
+                               f"{str(e).splitlines()[0]}") from None
     finally:
         if before is None:
             os.environ.pop(key, None)
@@ -320,11 +324,17 @@ def run_training(
     total = prev.get("time/train_total_s", 0.0) + elapsed if resumed else elapsed
     c.log_metric(run_id, "time/train_total_s", total)
     c.log_metric(run_id, "time/accelerator_hours", total * accel / 3600.0)
-    best = best_checkpoint_path(result, cfg)
-    if log_model and best is not None:
-        log_final_model(cfg, run_id, best)
-    elif best is not None:
-        c.set_tag(run_id, "sprout.selected_checkpoint", best)
+    try:  # reads the selected checkpoint back from storage: a failure here must not leave the run RUNNING
+        best = best_checkpoint_path(result, cfg)
+        if log_model and best is not None:
+            log_final_model(cfg, run_id, best)
+        elif best is not None:
+            c.set_tag(run_id, "sprout.selected_checkpoint", best)
+    except Exception as e:
+        c.set_terminated(run_id, status="FAILED")
+        c.set_tag(run_id, tracking.ERROR_TAG, f"{type(e).__name__}: {e}"[:5000])
+        raise RuntimeError(f"training run {name!r} trained, but its final model could not be logged: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     c.set_terminated(run_id, status="FINISHED")
     return TrainOutcome(
         name=name, run_id=run_id,

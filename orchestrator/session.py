@@ -200,6 +200,7 @@ def wait_for_capacity(plan: Plan, *, timeout_s: float, strategy: str = "PACK",
     Returns the seconds waited; raises :class:`StartupTimeout` after ``timeout_s``.
     """
     import time
+    import uuid
 
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
@@ -209,7 +210,9 @@ def wait_for_capacity(plan: Plan, *, timeout_s: float, strategy: str = "PACK",
 
         say = console.say
     t0 = time.monotonic()
-    pg = placement_group([plan.bundle()] * plan.workers, strategy=strategy, name="sprout-capacity-wait")
+    # a name of its own: the trials of one sweep share a namespace and may wait at the same time
+    pg = placement_group([plan.bundle()] * plan.workers, strategy=strategy,
+                         name=f"sprout-capacity-wait-{uuid.uuid4().hex[:12]}")
     last_report = -report_every_s
     try:
         while True:

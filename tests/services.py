@@ -341,24 +341,6 @@ class MlflowServer:
         with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 - loopback
             assert r.status == 200
 
-    def _data_ready(self) -> bool:
-        """Objects can be read and written, not only listed: after a restart the S3 gateway and
-        the filer answer before the volume server has re-registered its volumes with the master,
-        and until then a GET of an existing object is a 500 (INTERNAL_FAILURE)."""
-        if not self.buckets:
-            return True
-        c, bucket, probe = self.client(), self.buckets[0], ".sprout-test-ready-probe"
-        try:
-            existing = c.list_objects_v2(Bucket=bucket, MaxKeys=1).get("Contents", [])
-            if existing:
-                c.get_object(Bucket=bucket, Key=existing[0]["Key"], Range="bytes=0-0")["Body"].read()
-            c.put_object(Bucket=bucket, Key=probe, Body=b"ok")
-            ok = c.get_object(Bucket=bucket, Key=probe)["Body"].read() == b"ok"
-            c.delete_object(Bucket=bucket, Key=probe)
-            return ok
-        except Exception:  # noqa: BLE001 - not ready yet
-            return False
-
     def stop(self) -> None:
         if self.proc is not None:
             stop_group(self.proc)

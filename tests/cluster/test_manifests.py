@@ -1224,3 +1224,59 @@ def test_docs_state_the_gpu_requirement_node_types_and_timeouts():
                 assert re.search(rf"`{name}` \| {re.escape(t['instance'])}\b", text), f"{cloud} {name} not in the table"
     assert re.search(r"scaling\.startup_timeout_s` (to at least|≥) 1200 s", text)
     assert "SPROUT_GIT_SHA" in text and "cluster/submit.sh" in text
+
+
+# ---------------------------------------------------------------- the autoscaler's maximum
+
+
+def _manifest_of(where: str) -> Path:
+    kind, name = where.split("/")[:2]
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        if any(d.get("kind") == kind and d["metadata"]["name"] == name for d in load_docs(path) if isinstance(d, dict)):
+            return path
+    raise AssertionError(f"no manifest defines {where}")
+
+
+@pytest.mark.parametrize("where", [w for w, _ in raycluster_specs()])
+def test_kuberay_head_reads_the_autoscaler_maximum_from_its_own_manifest(where: str):
+    """KubeRay's autoscaler is a sidecar `sprout` cannot ask: the head gets its own manifest from a
+    ConfigMap (SPROUT_AUTOSCALER_CONFIG), so an idle cluster's plans are checked against maxReplicas."""
+    from orchestrator.autoscaler import CONFIG_ENV, limits_from_file, limits_from_raycluster
+
+    spec = dict(raycluster_specs())[where]
+    pod = spec["headGroupSpec"]["template"]["spec"]
+    (head,) = [c for c in pod["containers"] if c["name"] == "ray-head"]
+    path = env_of(head)[CONFIG_ENV]["value"]
+    mount = next(m for m in head["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    configmap = volume["configMap"]["name"]
+    manifest = _manifest_of(where)
+    key = path.rsplit("/", 1)[1]
+    assert key == manifest.name  # the file the documented `kubectl create configmap --from-file` gives
+    command = f"kubectl -n sprout create configmap {configmap}"
+    docs = DOCS.read_text()
+    assert command in docs and f"--from-file=cluster/kuberay/{key}" in docs.split(command, 1)[1].splitlines()[0]
+    lim = limits_from_file(str(manifest))  # what that head reads
+    assert lim.maximum == limits_from_raycluster(load_one(manifest), "x").maximum and lim.maximum["GPU"] > 0
+
+
+@pytest.mark.parametrize("cluster_file", [*LAUNCHERS, KUBERAY / "raycluster.yaml", KUBERAY / "rayjob.yaml"],
+                         ids=lambda p: p.name)
+def test_every_gpu_preset_fits_every_shipped_clusters_maximum(cluster_file: Path, tmp_path: Path):
+    """An idle cluster refuses only what it can never run: every GPU preset fits the maximum of
+    every cluster file we ship (the ImageNet presets' 16 GPUs were refused on KubeRay before)."""
+    from orchestrator.autoscaler import limits_from_file
+    from orchestrator.config import load_config
+    from orchestrator.session import Capacity, check_plan, plan_for
+
+    lim = limits_from_file(str(cluster_file))
+    assert lim.maximum, cluster_file
+    idle = Capacity(now={"CPU": 0.0}, maximum=lim.maximum, node_types=lim.node_types, autoscaler=True,
+                    source=str(cluster_file))
+    checked = []
+    for preset in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(preset, [f"data.root={tmp_path}"])
+        if cfg.scaling.use_gpu:
+            check_plan(plan_for(cfg), idle)  # raises ConfigError (exit 2) if it could never fit
+            checked.append(preset.stem)
+    assert {"imagenet_resnet152", "imagenet_resnet50", "cifar10_vgg16"} <= set(checked), checked

@@ -129,6 +129,10 @@ def test_ray_job_submit_runs_sprout_train_and_logs_to_mlflow(tmp_path, session_d
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{bindir}:{os.environ['PATH']}",
                MLFLOW_TRACKING_URI=f"sqlite:///{store}", RAY_ADDRESS="")
     env.pop("RAY_ADDRESS")
+    env.pop("SPROUT_GIT_SHA", None)  # an in-process Ray fixture of this session may have set it
+    # The job's processes inherit the head's environment: with no usable git there, the run's
+    # git_sha can only come from what cluster/submit.sh put in the job's runtime env.
+    head_env = dict(env, GIT_DIR=str(tmp_path / "no-git-here"))
     # Our own --temp-dir (short: Ray's socket paths must fit 107 bytes) and process group: the head
     # is stopped by its own processes, never by `ray stop`, which ends every Ray on the host.
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")
@@ -139,7 +143,7 @@ def test_ray_job_submit_runs_sprout_train_and_logs_to_mlflow(tmp_path, session_d
          # free ports, not the fixed defaults (52365, ...) another Ray on this host may hold: without its
          # agent the head answers every submission "No available agent"
          f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=head_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
         _, err = starter.communicate(timeout=180)
@@ -157,7 +161,7 @@ def test_ray_job_submit_runs_sprout_train_and_logs_to_mlflow(tmp_path, session_d
             sub = subprocess.run(
                 [str(ROOT / "cluster" / "submit.sh"), f"--address=http://127.0.0.1:{dash}",
                  "--submission-id", "sprout-job-test", "--", *entry.split()],
-                env={k: v for k, v in env.items() if k != "SPROUT_GIT_SHA"}, capture_output=True, text=True,
+                env=env, capture_output=True, text=True,
                 timeout=600, cwd=ROOT,
             )
             if "No available agent" not in sub.stdout + sub.stderr:

@@ -277,6 +277,9 @@ def test_checkpoint_metric_defaults_per_method() -> None:
         assert checkpoint_metric(cfg) == want and _score_attr(cfg) == want, method
     cfg = load_config(DIGITS, ["method=natural", "train.checkpoint_metric=val/pgd_acc"])
     assert _score_attr(cfg) == "val/pgd_acc"  # an explicit choice wins
+    for off in ("train.val_pgd_steps=0",):  # no PGD validation runs (eval.eps > 0 is enforced): clean it is
+        cfg = load_config(DIGITS, ["method=sprout", off])
+        assert checkpoint_metric(cfg) == _score_attr(cfg) == "val/clean_acc", off
 
 
 def test_augment_defaults_per_dataset_and_is_an_mlflow_param() -> None:

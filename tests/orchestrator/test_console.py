@@ -85,27 +85,36 @@ def test_a_failing_run_prints_the_failure_the_workers_last_lines_and_the_log(tmp
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 def test_on_a_terminal_the_run_line_is_redrawn_in_place(tmp_path) -> None:
-    """A real pseudo-terminal (tmux): the screen holds one line for the run, redrawn per epoch."""
+    """A real pseudo-terminal (tmux): the screen holds one line for the run, redrawn per epoch.
+    The screen is captured while the run trains: the same single row shows earlier epochs first."""
     sock = str(tmp_path / "tmux.sock")
     script = tmp_path / "run.sh"
     env = _env(tmp_path)
     exports = "".join(f"export {k}={v!r}\n" for k, v in env.items() if k.isidentifier() and "'" not in v)
-    script.write_text(f"{exports}cd {ROOT}\n{' '.join(_cmd('tty', tmp_path, 'train.epochs=3'))}\n"
+    script.write_text(f"{exports}cd {ROOT}\n{' '.join(_cmd('tty', tmp_path, 'train.epochs=6'))}\n"
                       f"echo EXIT=$?\nsleep 600\n")
     subprocess.run(["tmux", "-S", sock, "new-session", "-d", "-x", "200", "-y", "50", f"bash {script}"], check=True)
+    seen: list[int] = []  # the epoch the run's row showed, capture after capture
     try:
         deadline = time.time() + HANG_GUARD_S
         screen = ""
         while "EXIT=" not in screen:
             if time.time() > deadline:
                 pytest.fail(f"sprout train did not finish under tmux:\n{screen}")
-            time.sleep(2)
+            time.sleep(0.2)
             screen = subprocess.run(["tmux", "-S", sock, "capture-pane", "-p", "-J"], capture_output=True,
                                     text=True).stdout
+            rows = [line for line in screen.splitlines() if line.startswith("tty ")]
+            assert len(rows) <= 1, screen  # never a second line for the run
+            m = re.search(r"epoch (\d)/6", rows[0]) if rows else None
+            if m and (not seen or seen[-1] != int(m.group(1))):
+                seen.append(int(m.group(1)))
     finally:
         subprocess.run(["tmux", "-S", sock, "kill-server"], capture_output=True)
     assert "EXIT=0" in screen, screen
     rows = [line for line in screen.splitlines() if line.startswith("tty ")]
     assert len(rows) == 1, screen  # one line for the run, not one per epoch
-    assert "epoch 3/3" in rows[0] and "val clean" in rows[0], rows
+    assert "epoch 6/6" in rows[0] and "val clean" in rows[0], rows
+    # the one row was redrawn: it showed an earlier epoch before the last, in order
+    assert len(seen) >= 2 and seen == sorted(seen) and seen[-1] == 6, seen
     assert not any(n in screen for n in NOISE), screen

@@ -50,7 +50,8 @@ def targeted_pgd(
         targets = random_wrong_targets(y, num_classes, generator)
     ss = 2.5 * eps / max(steps, 1) if step_size is None else step_size
     x_adv = pgd_linf(model, x, targets, eps=eps, step_size=ss, steps=steps, restarts=restarts,
-                     random_start=random_start, loss="ce", targeted=True, bn=bn, generator=generator)
+                     random_start=random_start, loss="ce", targeted=True, bn=bn, generator=generator,
+                     true_labels=y)  # restarts and iterates kept by "fools the true label", not "hits the target"
     return x_adv, targets
 
 
