@@ -21,7 +21,7 @@ from typing import Any
 from orchestrator import storage, tracking
 from orchestrator.config import ConfigError, apply_overrides, from_dict
 from orchestrator.console import epochs_from_params, watch_children
-from orchestrator.runner import run_tags, storage_path
+from orchestrator.runner import ray_storage_kwargs, run_tags, storage_path
 from orchestrator.session import DRIVER_CPU, check_plan, cluster_capacity, ensure_ray, plan_for
 from orchestrator.sweep import max_concurrent, write_table
 from orchestrator.tune_fit import close_after, fit_tuner
@@ -86,14 +86,16 @@ def _run_phase(cfg: Any, compare: str, phase: str, variants: list[str], parent: 
     )
     name = f"{compare}-{phase}"
     path = storage.join(storage_path(cfg), name)  # a local path or a URI: Tune restores from both
-    if tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    tune_path, tune_fs = storage.ray_storage(path)  # Tune's state through the storage layer's filesystem
+    if tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True,
+                                  storage_filesystem=tune_fs)
     else:
         tuner = tune.Tuner(
             trainable,
             param_space={"variant": tune.grid_search(variants), "extra": extra},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path(cfg)),
+            run_config=tune.RunConfig(name=name, **ray_storage_kwargs(storage_path(cfg))),
         )
     with watch_children(tracking.tracking_uri(), cfg.experiment, parent,
                         lambda r: epochs_from_params(r, cfg.train.epochs)):

@@ -40,6 +40,14 @@ def storage_path(cfg: Any) -> str:
     return p if "://" in p else str(Path(p).expanduser().resolve())
 
 
+def ray_storage_kwargs(location: str) -> dict[str, Any]:
+    """``storage_path``/``storage_filesystem`` for Ray's RunConfig and Tuner.restore: Ray moves
+    checkpoints and Tune state through the storage layer's own filesystem (its endpoint,
+    region, timeouts and retries), not one Ray builds from the URI by itself."""
+    path, fs = storage.ray_storage(location)
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
 def default_name(cfg: Any) -> str:
     return f"{cfg.method}-{cfg.model.name}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -130,7 +138,7 @@ def fit_trainer(cfg: Any, name: str, run_id: str, *, in_tune: bool = False) -> A
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage_path(cfg),
+            **ray_storage_kwargs(storage_path(cfg)),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.checkpoint_keep,
                 checkpoint_score_attribute=_score_attr(cfg),

@@ -18,7 +18,7 @@ from typing import Any
 from orchestrator import storage, tracking
 from orchestrator.config import apply_overrides, from_dict
 from orchestrator.console import epochs_from_params, watch_children
-from orchestrator.runner import run_tags, storage_path
+from orchestrator.runner import ray_storage_kwargs, run_tags, storage_path
 from orchestrator.session import DRIVER_CPU, check_plan, cluster_capacity, ensure_ray, plan_for
 from orchestrator.tune_fit import close_after, fit_tuner
 
@@ -59,8 +59,10 @@ def make_tuner(cfg: Any, name: str, space: dict[str, Any], *, samples: int, sche
         {"cpu": DRIVER_CPU},
     )
     path = storage.join(storage_path(cfg), name)  # a local path or a URI: Tune restores from both
-    if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    tune_path, tune_fs = storage.ray_storage(path)  # Tune's state through the storage layer's filesystem
+    if tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):
+        return tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True,
+                                  storage_filesystem=tune_fs)
     t = cfg.tune
     sched = None
     if scheduler == "asha":
@@ -80,7 +82,7 @@ def make_tuner(cfg: Any, name: str, space: dict[str, Any], *, samples: int, sche
             metric=t.metric, mode=t.mode, num_samples=samples, scheduler=sched, search_alg=alg,
             max_concurrent_trials=concurrency,
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path(cfg)),
+        run_config=tune.RunConfig(name=name, **ray_storage_kwargs(storage_path(cfg))),
     )
 
 

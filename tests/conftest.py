@@ -38,6 +38,14 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _skipped.append((report.nodeid, reason))
 
 
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    """A whole module skipped at collection (``pytest.skip(allow_module_level=True)``,
+    ``importorskip``) counts as a skip too."""
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped.append((report.nodeid, reason))
+
+
 def _allowed() -> set[str]:
     if not ALLOWED_SKIPS.is_file():
         return set()

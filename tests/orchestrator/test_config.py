@@ -44,7 +44,7 @@ BAD_SETS = [
     (["tune.scheduler=hyperband"], "tune.scheduler"),
     (["train"], "--set"),
     # twice the host's cores (digits: 0.5 CPU per worker), whatever the host: never a real run
-    ([f"scaling.num_workers={4 * (__import__('os').cpu_count() or 1)}"],
+    ([f"scaling.num_workers={4 * (__import__('os').cpu_count() or 1)}", "eval.attacks=[pgd20]"],
      f"scaling: the plan needs {2 * (__import__('os').cpu_count() or 1)} CPU but the cluster has "
      f"{__import__('os').cpu_count() or 1} CPU; lower scaling.num_workers, scaling.cpus_per_worker or "
      "scaling.gpus_per_worker (or set scaling.use_gpu: false)"),
@@ -158,14 +158,22 @@ def test_missing_config_file_and_bad_usage(tmp_path, monkeypatch, capsys) -> Non
 
 def test_cli_subprocess_exit_code_and_no_ray(tmp_path: Path) -> None:
     """The real console script: exit 2, one stderr line, nothing written, no Ray started."""
+    import os
+
+    work, ray_tmp = tmp_path / "work", tmp_path / "ray-tmp"
+    work.mkdir()
+    ray_tmp.mkdir()
+    # the default MLflow store (./mlflow.db) and a Ray temp dir that any Ray start would fill
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["RAY_TMPDIR"] = str(ray_tmp)
     out = subprocess.run(
         [sys.executable, "-m", "orchestrator", "train", str(DIGITS), "--set", "sprout.dirichlet_alpha=7"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=work, env=env, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 2
     lines = [x for x in out.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "sprout.dirichlet_alpha" in lines[0] and "[0, 1]" in lines[0]
-    assert list(tmp_path.iterdir()) == []
+    assert list(work.iterdir()) == [] and list(ray_tmp.iterdir()) == []
 
 
 def test_validate_prints_resolved_config_and_plan(tmp_path, monkeypatch, capsys) -> None:

@@ -28,6 +28,49 @@ def test_every_space_uses_only_config_fields(name) -> None:
     assert space and all(isinstance(k, str) for k in space)
 
 
+def _domain(v):
+    """A search-space entry as plain data: grid values, choices, or (sampler, lower, upper)."""
+    if isinstance(v, (str, int, float)):
+        return v
+    if isinstance(v, dict) and "grid_search" in v:
+        return ("grid", list(v["grid_search"]))
+    if hasattr(v, "categories"):
+        return ("choice", list(v.categories))
+    if hasattr(v, "lower"):
+        return (type(v.get_sampler()).__name__.lstrip("_"), v.lower, v.upper)
+    return v
+
+
+def test_the_spaces_hold_the_papers_values() -> None:
+    """What each named space sweeps (paper Fig. 5 for the sensitivity grid), literally."""
+    got = {name: {k: _domain(v) for k, v in load_space(name).items()} for name in SPACES}
+    assert got["sensitivity"] == {"method": "sprout", "sprout.dirichlet_alpha": ("grid", [0.001, 0.01, 0.1]),
+                                  "sprout.mixup_alpha": ("grid", [0.1, 0.2, 0.5]),
+                                  "sprout.gaussian_delta": ("grid", [0.1])}
+    assert got["baselines"] == {"method": ("grid", ["pgd_at", "trades"]), "pgd_at.steps": ("choice", [3, 7, 10]),
+                                "trades.beta": ("choice", [1.0, 6.0])}
+    assert got["sprout_random"] == {"method": "sprout", "sprout.dirichlet_alpha": ("LogUniform", 1e-3, 0.3),
+                                    "sprout.mixup_alpha": ("LogUniform", 0.05, 2.0),
+                                    "sprout.gaussian_delta": ("LogUniform", 0.01, 0.3)}
+
+
+@pytest.mark.parametrize("name", list(SPACES))
+def test_every_value_of_every_space_is_a_valid_config(name) -> None:
+    """Each grid value, choice and range end passes the config's own validation (a trial would
+    otherwise fail only when Tune reaches it)."""
+    import itertools
+
+    from orchestrator.config import load_config
+
+    options = []
+    for k, v in load_space(name).items():
+        d = _domain(v)
+        values = d[1] if isinstance(d, tuple) and d[0] in ("grid", "choice") else list(d[1:]) if isinstance(d, tuple) else [d]
+        options.append([f"{k}={x}" for x in values])
+    for combo in itertools.product(*options):
+        load_config(DIGITS, list(combo))
+
+
 def test_space_keys_that_are_not_config_fields_are_rejected() -> None:
     with pytest.raises(SearchSpaceError, match="'sprout.alpha' is not a config field"):
         check_keys("typo", {"sprout.alpha": 0.1})
@@ -46,13 +89,13 @@ def test_concurrency_is_derived_from_resources(tmp_path) -> None:
     assert max_concurrent(gpu, None, {"CPU": 64.0, "GPU": 4.0}) == 2
 
 
-@pytest.mark.ray
-@pytest.mark.slow
 def _records(debug) -> dict[str, tuple[int, int]]:
     """file name → (pid, mtime) of every per-epoch worker record of one trial."""
     return {p.name: (json.loads(p.read_text())["pid"], p.stat().st_mtime_ns) for p in debug.glob("worker-*-epoch-*.json")}
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_sweep_asha_resume_after_killed_driver(tmp_path, mlflow_uri) -> None:
     """4 trials, 2 at a time, ASHA; the driver is SIGKILLed mid-way and the sweep re-run.
 
