@@ -114,7 +114,7 @@ def autoscaling_cluster(worker_types: dict[str, dict[str, Any]], *, max_workers:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _stop_group(head: subprocess.Popen, grace_s: float = 20.0) -> None:
+def _stop_group(head: subprocess.Popen, grace_s: float = 5.0) -> None:
     """The head and every node the autoscaler started (all in the head's process group)."""
     pgid = head.pid
     try:

@@ -829,13 +829,13 @@ def _stop_with(sig: signal.Signals, to_group: bool, cmd: list[str], env: dict, c
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sigterm_and_ctrl_c_stop_sprout_sweep_mark_killed_exit_130_and_rerun_resumes(tmp_path) -> None:
-    """``sprout sweep`` (4 trials, 2 at a time): SIGTERM to the driver, then Ctrl-C to the process
+    """``sprout sweep`` (4 trials of 3 epochs, 2 at a time): SIGTERM to the driver, then Ctrl-C to the process
     group of the resumed sweep, then a re-run that finishes. Ray Tune alone would swallow the
     first Ctrl-C and return as if done (parent FINISHED, exit 0, unfinished trials closed)."""
     import ray
 
     ray.shutdown()
-    epochs, name, exp = 4, "sweep-graceful", "test-reliability-sweep"
+    epochs, name, exp = 3, "sweep-graceful", "test-reliability-sweep"
     store, debug, rr = tmp_path / "mlflow.db", tmp_path / "debug", tmp_path / "rr"
     env = _train_env(f"sqlite:///{store}", debug)
     sets = [f"storage.path={rr}", f"experiment={exp}", f"train.epochs={epochs}", "eval.attacks=[]",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -399,10 +400,15 @@ def test_worker_killed_at_epoch_2_resumes_from_the_s3_checkpoint(seaweed, tmp_pa
     debug = tmp_path / "debug" / name
     debug.mkdir(parents=True)
     (debug / "kill-at-epoch").write_text("2")  # rank 0 SIGKILLs itself once, at its 3rd epoch
-    out = subprocess.run(_train(name, [f"storage.path=s3://{BUCKET}/{prefix}", f"experiment={exp}",
-                                       f"train.epochs={epochs}", *CHEAP]),
+    # --verbose (issue 15): Ray's and the workers' own output streams to the console, no log file
+    # (this run doubles as the --verbose test: one subprocess fewer in CI)
+    out = subprocess.run([*_train(name, [f"storage.path=s3://{BUCKET}/{prefix}", f"experiment={exp}",
+                                         f"train.epochs={epochs}", *CHEAP]), "--verbose"],
                          env=_env(seaweed, tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr[-3000:]
+    both = out.stdout + out.stderr
+    assert "RayTrainWorker" in both and "TrainingReport" in both
+    assert not re.search(r"^log: ", out.stderr, re.M)
     killed = int((debug / "killed-at-epoch-2").read_text())  # the fault was injected, in this process
     c = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = _runs_with_key(c, exp, name)
