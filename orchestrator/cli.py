@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         tail = console.tail()
         if tail:
-            console.say(f"last lines of the log {console.log_path}:")
+            console.say(f"the workers' last lines in the log {console.log_path}:")
             for line in tail:
                 console.say(f"  | {line[:400]}")
         console.say(f"sprout: {args.command} failed: {type(e).__name__}: {e}")

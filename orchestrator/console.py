@@ -70,16 +70,22 @@ class _Console:
         self.log_path = log_path
         self.say(f"log: {log_path}  (Ray's and the workers' output; --verbose prints it here)")
 
+    # The processes whose last lines explain a failed run: Train workers and their controller,
+    # Tune trials, evaluation shards (not Ray's own helpers, e.g. the placement-group cleaner).
+    WORKER_MARKERS = ("(RayTrainWorker", "(TrainController", "(ImplicitFunc", "(_trial", "(_eval_shard")
+
     def tail(self, n: int = 12) -> list[str]:
-        """The last ``n`` non-blank lines of the log (shown with a failure)."""
+        """The workers' last ``n`` non-blank lines in the log (shown with a failure); the log's
+        last lines when no worker wrote any."""
         if self.log_path is None or not self.log_path.is_file():
             return []
         sys.stdout.flush()
         sys.stderr.flush()
         with self.log_path.open("rb") as f:
-            f.seek(max(0, self.log_path.stat().st_size - 64_000))
-            lines = f.read().decode(errors="replace").splitlines()
-        return [line for line in lines if line.strip()][-n:]
+            f.seek(max(0, self.log_path.stat().st_size - 256_000))
+            lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+        workers = [line for line in lines if any(m in line for m in self.WORKER_MARKERS)]
+        return (workers or lines)[-n:]
 
 
 console = _Console()

@@ -246,11 +246,17 @@ def load_logged_model(model_uri: str) -> Any:
         raise UnsafeModelError(f"{model_uri}: refused to load: {str(e).splitlines()[0]}") from None
     except (ValueError, RuntimeError) as e:
         # a weights record that is not the tensor bytes its config describes (a pickle put in
-        # its place, a truncated file): torch reads records as raw bytes and never unpickles them
-        if "Record " not in str(e):
+        # its place, a truncated file): torch reads records as raw bytes and never unpickles them;
+        # depending on the path, torch raises the record's own error or wraps it
+        chain, cur = [], e
+        while cur is not None and len(chain) < 10:
+            chain.append(str(cur))
+            cur = cur.__cause__ or cur.__context__
+        record = next((m for m in chain if "Record " in m), None)
+        if record is None and "error when deserializing" not in str(e):
             raise
         raise UnsafeModelError(f"{model_uri}: refused to load a tampered or corrupt archive: "
-                               f"{str(e).splitlines()[0]}") from None
+                               f"{(record or str(e)).splitlines()[0]}") from None
     finally:
         if before is None:
             os.environ.pop(key, None)

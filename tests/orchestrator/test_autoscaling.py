@@ -127,7 +127,8 @@ def _wait_idle(cluster, timeout_s: float = 240) -> None:
 @pytest.mark.slow
 def test_plan_beyond_the_maximum_exits_2_naming_it_and_starts_nothing(cluster, tmp_path) -> None:
     out = _sprout(cluster, tmp_path, "train", str(DIGITS), "--name", "too-big",
-                  *_sets("scaling.num_workers=4", "scaling.cpus_per_worker=2", f"storage.path={tmp_path / 'rr'}"))
+                  *_sets("scaling.num_workers=4", "scaling.cpus_per_worker=2", "eval.attacks=[pgd20]",
+                         f"storage.path={tmp_path / 'rr'}"))
     assert out.returncode == 2, out.stderr[-3000:]
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, out.stderr

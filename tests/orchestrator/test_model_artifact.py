@@ -87,7 +87,9 @@ def test_a_pickle_in_the_archive_is_refused_and_never_runs(logged, tmp_path, mon
     shutil.copyfile(tampered, pt2)
     with pytest.raises(UnsafeModelError) as e:
         load_logged_model(f"runs:/{run_id}/model")
-    assert "\n" not in str(e.value) and "refused to load" in str(e.value) and record.split("/")[-2] in str(e.value)
+    assert "\n" not in str(e.value) and "refused to load" in str(e.value)
+    if "sample_inputs" in record:  # MLflow's own check names the record it refused
+        assert "sample_inputs" in str(e.value)
     assert not marker.exists(), "the pickled payload ran"
     if "weights" in record:  # torch reads weights as raw bytes: never unpickled, by either loader
         return

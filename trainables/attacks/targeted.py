@@ -42,7 +42,10 @@ def targeted_pgd(
     generator: torch.Generator | None = None,
     targets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(x_adv, targets): PGD-ℓ∞ minimising the cross-entropy of a random wrong target."""
+    """(x_adv, targets): PGD-ℓ∞ minimising the cross-entropy of a random wrong target. It keeps,
+    per example, the iterate and restart that reach the target (an attack that aims at targets);
+    the evaluation's ``targeted`` robustness instead scores by the true label
+    (``trainables.evaluation`` passes ``true_labels`` to ``pgd_linf``)."""
     if targets is None:
         if num_classes is None:
             with torch.no_grad():
@@ -50,8 +53,7 @@ def targeted_pgd(
         targets = random_wrong_targets(y, num_classes, generator)
     ss = 2.5 * eps / max(steps, 1) if step_size is None else step_size
     x_adv = pgd_linf(model, x, targets, eps=eps, step_size=ss, steps=steps, restarts=restarts,
-                     random_start=random_start, loss="ce", targeted=True, bn=bn, generator=generator,
-                     true_labels=y)  # restarts and iterates kept by "fools the true label", not "hits the target"
+                     random_start=random_start, loss="ce", targeted=True, bn=bn, generator=generator)
     return x_adv, targets
 
 

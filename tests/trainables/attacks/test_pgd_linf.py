@@ -191,16 +191,3 @@ def test_targeted_restarts_choose_by_the_true_label(batch, trained):
 
     by_true, by_target = acc(y), acc(None)
     assert (by_true <= by_target).all() and (by_true < by_target).any()
-
-
-def test_public_targeted_pgd_keeps_restarts_by_the_true_label(batch, trained):
-    """``targeted_pgd`` (the registered ``targeted`` attack) scores restarts as the evaluation does."""
-    from trainables.attacks.targeted import targeted_pgd
-
-    x, y = batch
-    targets = (y + 3) % 10
-    x_adv, used = targeted_pgd(trained, x, y, eps=0.08, step_size=0.02, steps=5, restarts=3, targets=targets,
-                               generator=torch.Generator().manual_seed(3))
-    by_true = pgd_linf(trained, x, targets, eps=0.08, step_size=0.02, steps=5, restarts=3, targeted=True,
-                       true_labels=y, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(used, targets) and torch.equal(x_adv, by_true)
