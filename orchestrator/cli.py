@@ -247,8 +247,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                       n_examples=args.n_examples)
     console.out()
     console.out(console_table(out["rows"], cfg))
-    console.out(f"\nreport/comparison.md and .csv are artifacts of the parent run; open it with `make ui`:\n"
-                f"MLflow parent run: {tracking.run_url(out['parent_run_id'])}")
+    console.out(f"MLflow parent run: {tracking.run_url(out['parent_run_id'])}  "
+                "(report/comparison.md and .csv are its artifacts; `make ui` serves it)")
     return 0
 
 

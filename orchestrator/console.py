@@ -99,6 +99,17 @@ class _Watched:
     shown: int = 0  # epochs already printed
     started: float = field(default_factory=time.time)
     bar: Any = None
+    state: str = "starting"  # starting, running, finished, stopped early, killed, failed
+    last: str = ""  # the row's epoch text, kept when only the state changes
+    # shown only once it runs in this watch: a comparison's second phase finds the first
+    # phase's finished runs among the parent's children, and must not show them again
+    active: bool = True
+
+
+# MLflow run status → the word a user reads in the run's row
+_STATES = {"RUNNING": "running", "SCHEDULED": "starting", "FINISHED": "finished", "KILLED": "killed",
+           "FAILED": "failed"}
+_TERMINAL = ("finished", "stopped early", "killed", "failed")
 
 
 def _fmt_s(seconds: float) -> str:
@@ -124,20 +135,28 @@ def epoch_line(label: str, epoch: int, epochs: int, m: dict[str, float], eta_s: 
 
 
 class Watcher:
-    """Follows runs' per-epoch MLflow metrics from a background thread."""
+    """Follows runs' state and per-epoch MLflow metrics from a background thread.
+
+    On a terminal each run has one row, redrawn in place: ``label state [bar] epoch k/N
+    loss … ETA``. Otherwise one plain line per epoch, plus one line when a run ends failed
+    or stopped early (a clean finish and an interrupt say so elsewhere).
+    ``unfinished``: the state of a run still RUNNING in MLflow when watching ends without an
+    error (a single run: its driver finishes it next; a sweep's trial: stopped by the scheduler).
+    """
 
     KEYS = ("train/loss", "val/clean_acc", "val/pgd_acc", "time/epoch_s")
 
-    def __init__(self, uri: str, interval_s: float = 1.0) -> None:
-        self.uri, self.interval_s = uri, interval_s
+    def __init__(self, uri: str, interval_s: float = 1.0, unfinished: str = "finished") -> None:
+        self.uri, self.interval_s, self.unfinished = uri, interval_s, unfinished
         self.runs: dict[str, _Watched] = {}
-        self.discover: Any = None  # () -> list[(run_id, label, epochs)], for sweeps and comparisons
+        self.discover: Any = None  # (client) -> [(run_id, label, epochs, run)], for sweeps and comparisons
+        self.started_ms = int(time.time() * 1000)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sprout-console", daemon=True)
 
-    def add(self, run_id: str, label: str, epochs: int, done: int = 0) -> None:
+    def add(self, run_id: str, label: str, epochs: int, done: int = 0, active: bool = True) -> None:
         if run_id not in self.runs:
-            self.runs[run_id] = _Watched(run_id, label, epochs, shown=done)
+            self.runs[run_id] = _Watched(run_id, label, epochs, shown=done, active=active)
 
     def _loop(self) -> None:
         from mlflow.tracking import MlflowClient
@@ -155,12 +174,28 @@ class Watcher:
 
     def poll(self, client: Any) -> None:
         if self.discover is not None:
-            for run_id, label, epochs, done in self.discover(client):
-                self.add(run_id, label, epochs, done)
+            for run_id, label, epochs, run in self.discover(client):
+                if run_id in self.runs:
+                    continue
+                # a run from before this watch (a resumed trial, an earlier phase): its epochs
+                # so far were shown then; only what it does from now on is shown
+                earlier = run.info.start_time is not None and run.info.start_time < self.started_ms
+                done = len(client.get_metric_history(run_id, "train/loss")) if earlier else 0
+                self.add(run_id, label, epochs, done, active=run.info.status == "RUNNING")
         for w in list(self.runs.values()):
+            run = client.get_run(w.run_id)
+            if not w.active and run.info.status != "RUNNING":
+                continue
+            w.active = True
             hist = {k: {m.step: m.value for m in client.get_metric_history(w.run_id, k)} for k in self.KEYS}
             steps = sorted(hist["train/loss"])
             new = [s for s in steps if s > w.shown]
+            state = _STATES.get(run.info.status, run.info.status.lower())
+            if state == "running" and not steps:
+                state = "starting"  # Ray is placing its workers: no epoch yet
+            if state == "finished" and run.data.tags.get("sprout.early_stopped") == "true":
+                state = "stopped early"
+            before, w.state = w.state, state if not new else ("running" if state == "starting" else state)
             for s in new:
                 m = {k: v[s] for k, v in hist.items() if s in v}
                 per = [hist["time/epoch_s"][e] for e in sorted(hist["time/epoch_s"]) if e <= s]
@@ -168,27 +203,51 @@ class Watcher:
                 self._show(w, s, m, eta)
             if new:
                 w.shown = new[-1]
+            elif w.state != before or (console.tty and w.bar is None):
+                self._show_state(w)
+
+    def _row(self, w: _Watched) -> Any:
+        if w.bar is None:
+            from tqdm.auto import tqdm
+
+            w.bar = tqdm(total=w.epochs, desc=w.label, position=len([r for r in self.runs.values() if r.bar]),
+                         file=console.err, leave=True, dynamic_ncols=True, bar_format="{desc} {bar:12} {postfix}")
+        return w.bar
 
     def _show(self, w: _Watched, epoch: int, m: dict[str, float], eta: float) -> None:
+        w.last = epoch_line("", epoch, w.epochs, m, eta).removeprefix(": ")
         if console.tty:
-            if w.bar is None:
-                from tqdm.auto import tqdm
-
-                w.bar = tqdm(total=w.epochs, desc=w.label, position=len([r for r in self.runs.values() if r.bar]),
-                             file=console.err, leave=True, dynamic_ncols=True, bar_format="{desc} {bar:12} {postfix}")
-            w.bar.n = epoch
-            w.bar.set_postfix_str(epoch_line("", epoch, w.epochs, m, eta).removeprefix(": "), refresh=True)
+            bar = self._row(w)
+            bar.n = epoch
+            bar.set_description_str(f"{w.label} {w.state:<8}", refresh=False)
+            bar.set_postfix_str(w.last, refresh=True)
         else:
             console.say(epoch_line(w.label, epoch, w.epochs, m, eta))
+
+    def _show_state(self, w: _Watched, quiet_states: tuple[str, ...] = ("starting", "running", "finished", "killed")) -> None:
+        """The run's state changed without a new epoch (started, ended, failed)."""
+        if console.tty:
+            bar = self._row(w)
+            bar.set_description_str(f"{w.label} {w.state:<8}", refresh=False)
+            bar.set_postfix_str(w.last or f"epoch 0/{w.epochs}", refresh=True)
+        elif w.state not in quiet_states:
+            console.say(f"{w.label}: {w.state} after epoch {w.shown}/{w.epochs}")
 
     def __enter__(self) -> Watcher:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+        # runs MLflow still calls RUNNING: what ended the watch tells their state
+        end = self.unfinished if exc_type is None else (
+            "killed" if issubclass(exc_type, KeyboardInterrupt) else "failed")
         for w in self.runs.values():
+            if w.active and w.state not in _TERMINAL:
+                w.state = end
+                if end != "failed" or w.bar is not None:  # a failure's one line is printed by the CLI
+                    self._show_state(w, quiet_states=("finished", "killed", "failed"))
             if w.bar is not None:
                 w.bar.close()
 
@@ -208,9 +267,9 @@ def watch_children(uri: str, experiment: str, parent_run_id: str, epochs_of: Any
         exp = client.get_experiment_by_name(experiment)
         runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
                                   max_results=1000)
-        return [(r.info.run_id, r.data.tags.get("mlflow.runName", r.info.run_id[:8]), epochs_of(r), 0) for r in runs]
+        return [(r.info.run_id, r.data.tags.get("mlflow.runName", r.info.run_id[:8]), epochs_of(r), r) for r in runs]
 
-    w = Watcher(uri)
+    w = Watcher(uri, unfinished="stopped early")  # a trial Tune stopped before its last epoch
     w.discover = discover
     with w:
         yield w

@@ -76,12 +76,12 @@ def _eval_shard(cfg_dict: dict, state: dict, source_state: dict | None, source_c
     source = load_model(from_dict(source_cfg), source_state) if source_state is not None else None
     test = datasets(cfg, ("test",))["test"]
 
-    def on_block(done: int, total: int) -> None:
+    def on_attack(attack: str, done: int, total: int) -> None:
         if progress is not None:
-            progress.update.remote(key, shard, done, total)
+            progress.update.remote(key, shard, attack, done, total)
 
     res = run_suite(model, test, attacks, eval_config(cfg, attacks, n_examples), source_model=source,
-                    shard=shard, num_shards=num_shards, device="cuda" if use_gpu else "cpu", on_block=on_block)
+                    shard=shard, num_shards=num_shards, device="cuda" if use_gpu else "cpu", on_attack=on_attack)
     return {"result": res.to_dict(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
@@ -134,16 +134,73 @@ class EvalJob:
 
 
 class _Progress:
-    """Blocks done per (model, shard), reported by the shards while they run (one bar for the suite)."""
+    """Blocks done per (model, shard, attack), reported by the shards while they run."""
 
     def __init__(self) -> None:
-        self.done: dict[tuple[str, int], tuple[int, int]] = {}
+        self.done: dict[tuple[str, int, str], tuple[int, int]] = {}
 
-    def update(self, key: str, shard: int, done: int, total: int) -> None:
-        self.done[(key, shard)] = (done, total)
+    def update(self, key: str, shard: int, attack: str, done: int, total: int) -> None:
+        self.done[(key, shard, attack)] = (done, total)
 
-    def snapshot(self) -> dict[tuple[str, int], tuple[int, int]]:
+    def snapshot(self) -> dict[tuple[str, int, str], tuple[int, int]]:
         return dict(self.done)
+
+
+class _EvalView:
+    """The evaluation on the console: on a terminal one bar per model (blocks × attacks done,
+    the attack now running); otherwise one line per attack as it finishes on every shard."""
+
+    def __init__(self, jobs: dict[str, EvalJob], n_shards: dict[str, int], tty: bool) -> None:
+        import time
+
+        self.attacks = {k: ["clean", *[a for a in dict.fromkeys(j.attacks) if a != "clean"]] for k, j in jobs.items()}
+        self.n_shards, self.tty, self.t0 = n_shards, tty, time.perf_counter()
+        self.said: set[tuple[str, str]] = set()
+        self.bars: dict[str, Any] = {}
+        if tty:
+            from tqdm.auto import tqdm
+
+            self.width = max(len(k) for k in jobs)
+            # before any shard reports, each bar names its first attack, as it does from then on
+            self.bars = {k: tqdm(total=1, desc=self._desc(k, self.attacks[k][0]), position=i, leave=False,
+                                 dynamic_ncols=True, file=console.err, bar_format="{desc} {bar:12} {percentage:3.0f}%")
+                         for i, k in enumerate(jobs)}
+
+    def _desc(self, key: str, running: str | None) -> str:
+        names = self.attacks[key]
+        what = f"{running} ({names.index(running) + 1}/{len(names)})" if running else "done"
+        return f"eval {key:<{self.width}}  {what:<{max(len(a) for a in names) + 6}}"
+
+    def update(self, snap: dict[tuple[str, int, str], tuple[int, int]], finished: set[str]) -> None:
+        import time
+
+        for key, names in self.attacks.items():
+            per = {a: [snap.get((key, s, a)) for s in range(self.n_shards[key])] for a in names}
+            done = [a for a in names if key in finished or all(p is not None and p[0] >= p[1] for p in per[a])]
+            if self.tty:
+                bar = self.bars[key]
+                blocks = [p for ps in per.values() for p in ps if p is not None]
+                total = max(max((p[1] for p in blocks), default=1) * len(names) * self.n_shards[key], 1)
+                bar.total = total
+                bar.n = total if key in finished else min(sum(p[0] for p in blocks), total)
+                bar.set_description_str(self._desc(key, None if key in finished else self._running(snap, key)))
+                bar.refresh()
+            else:
+                for a in done:
+                    if a != "clean" and (key, a) not in self.said:
+                        self.said.add((key, a))
+                        console.say(f"eval {key}: {a} done ({time.perf_counter() - self.t0:.0f} s)")
+
+    def _running(self, snap: dict[tuple[str, int, str], tuple[int, int]], key: str) -> str:
+        """The attack the slowest shard of ``key`` is on: the suite runs every attack on a block
+        before the next block, so a shard with ``u`` attack-blocks done is on attack ``u mod A``."""
+        names = self.attacks[key]
+        units = min(sum((snap.get((key, s, a)) or (0, 0))[0] for a in names) for s in range(self.n_shards[key]))
+        return names[units % len(names)]
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
 
 
 def evaluate_jobs(jobs: dict[str, EvalJob], *, n_examples: int | None = None,
@@ -151,7 +208,6 @@ def evaluate_jobs(jobs: dict[str, EvalJob], *, n_examples: int | None = None,
     """Every job's suite as Ray tasks with training workers' resources (never in this driver,
     which on a cluster is the CPU head), ``num_shards`` per model (default ``eval.num_shards``,
     else as many as training workers); counts are summed, never averaged."""
-    import time
 
     import ray
 
@@ -175,42 +231,23 @@ def evaluate_jobs(jobs: dict[str, EvalJob], *, n_examples: int | None = None,
                               progress, key)
             refs[ref] = key
     parts: dict[str, list[dict]] = {k: [] for k in jobs}
-    tty = console.tty
-    bar = _bar(len(jobs), tty)
-    t0 = time.perf_counter()
+    view = _EvalView(jobs, n_shards, console.tty)
     pending = list(refs)
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
             for ref in ready:
-                key = refs[ref]
-                parts[key].append(ray.get(ref))
-                if len(parts[key]) == n_shards[key] and not tty:
-                    console.say(f"eval {key}: {n_shards[key]} shard(s) done, {time.perf_counter() - t0:.0f} s")
-            if bar is not None:
-                snap = ray.get(progress.snapshot.remote())
-                bar.total = max(sum(t for _, t in snap.values()), 1)
-                bar.n = sum(d for d, _ in snap.values())
-                bar.set_postfix_str(", ".join(f"{k} {len(v)}/{n_shards[k]}" for k, v in parts.items()))
-                bar.refresh()
+                parts[refs[ref]].append(ray.get(ref))
+            # a model whose shards have all returned is done, whatever progress reports are still in flight
+            view.update(ray.get(progress.snapshot.remote()), {k for k, v in parts.items() if len(v) == n_shards[k]})
     finally:
-        if bar is not None:
-            bar.close()
+        view.close()
         ray.kill(progress)
     out = {}
     for key, got in parts.items():
         total = sum(EvalResult.from_dict(g["result"]) for g in got)
         out[key] = ShardedResult(**total.to_dict(), node_ids=sorted({g["node_id"] for g in got}))
     return out
-
-
-def _bar(n_models: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=1, desc=f"evaluating {n_models} model(s)", leave=False, dynamic_ncols=True, unit="block",
-                file=console.err)
 
 
 def evaluate_states(cfg: Any, state: dict, *, attacks: list[str], n_examples: int | None = None,

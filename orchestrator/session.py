@@ -260,6 +260,10 @@ def ensure_ray() -> None:
         # Ray starts workers at nice 15; on a laptop the training worker is the job, and at
         # low priority it loses CPU share to anything else running (BENCHMARKS.md, Ray overhead).
         os.environ.setdefault("RAY_worker_niceness", "0")
+        # Ray Train's PreemptionWatcher polls the cloud for spot-node preemption: one more
+        # actor process per run (per Tune trial) that a local instance cannot use, and
+        # whose start-up costs seconds on a laptop's cores. Clusters keep it.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     job_env = _submitted_job_env_vars()
     forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in job_env}
     env = {"env_vars": forwarded} if forwarded else None
@@ -276,7 +280,9 @@ def ensure_ray() -> None:
 
 
 # What every Ray process of a `sprout` job gets from the process that started it (ensure_ray).
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "SPROUT_GIT_SHA", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_CHDIR_TO_TRIAL_DIR")
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "SPROUT_GIT_SHA", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_CHDIR_TO_TRIAL_DIR",
+                 PREEMPTION_WATCHER_ENV)
 
 
 def _submitted_job_env_vars() -> dict[str, str]:
@@ -294,22 +300,40 @@ def _submitted_job_env_vars() -> dict[str, str]:
         return {}
 
 
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's State API clients look first
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _init_ray(env: dict[str, Any] | None) -> None:
     import ray
 
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, runtime_env=env, logging_level="WARNING")
     else:
+        # The dashboard hosts the State API that Ray Train's placement-group cleaner polls
+        # from inside the job; without it, trials stopped early by ASHA leak their CPUs and
+        # later trials never start. Its address is fixed here and handed to the job's
+        # processes: left to find it themselves, they scan the host for GCS processes and,
+        # with any other Ray running on the machine (another sprout, a `ray start`),
+        # fail with "Found multiple active Ray instances", and the cleaner gives up.
+        port = _free_port()
+        env = dict(env or {})
+        env["env_vars"] = {**env.get("env_vars", {}), API_SERVER_ENV: f"http://127.0.0.1:{port}"}
         ray.init(
             # a new local instance, never one that `ray start` left on this machine
             # (/tmp/ray/ray_current_cluster): RAY_ADDRESS unset means "start one here"
             address="local",
             runtime_env=env,
             num_cpus=int(os.cpu_count() or 1),
-            # The dashboard hosts the State API that Ray Train's placement-group cleaner
-            # polls; without it, trials stopped early by ASHA leak their CPUs and later
-            # trials never start. It binds to loopback only.
-            include_dashboard=True,
+            include_dashboard=True,  # bound to loopback only
+            dashboard_port=port,
             dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
             log_to_driver=True,

@@ -305,13 +305,15 @@ def run_suite(
     num_shards: int = 1,
     device: str | torch.device | None = None,
     on_block: Callable[[int, int], None] | None = None,
+    on_attack: Callable[[str, int, int], None] | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` (images in [0,1] → logits) on shard ``shard`` of ``num_shards``.
 
     ``data``: a Dataset of (image, label) or an (x, y) tensor pair. ``attacks``: SPEC names
     (clean accuracy is always included; ``"clean"`` is accepted and ignored).
     ``source_model``: the transfer attack's source (required by ``transfer``; also used by
-    ``masking_checks`` when given). ``on_block(done, total)`` reports progress (e.g. to Ray).
+    ``masking_checks`` when given). ``on_block(done, total)`` reports progress (e.g. to Ray);
+    ``on_attack(name, done, total)`` each attack's blocks done (``"clean"`` included).
     """
     cfg = config or EvalConfig()
     names = [a for a in dict.fromkeys(attacks) if a != "clean"]
@@ -339,6 +341,8 @@ def run_suite(
                     result.params["num_classes"] = _num_classes(model, x.to(dev))
             for name, seconds in _run_block(model, x.to(dev), y.to(dev), block, names, cfg, source_model, result, bar):
                 result.seconds[name] = result.seconds.get(name, 0.0) + seconds
+                if on_attack is not None:
+                    on_attack(name, done + 1, len(blocks))
             if on_block is not None:
                 on_block(done + 1, len(blocks))
     finally:

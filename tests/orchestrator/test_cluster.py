@@ -23,7 +23,6 @@ import pytest
 from orchestrator import tracking
 from tests.conftest import ROOT, digits_cfg
 from tests.orchestrator.test_reliability import (  # noqa: F401 - own_ray is a fixture
-    SLOW_DATA,
     _alive,
     _latest_ckpt_epoch,
     _listening,
@@ -104,7 +103,6 @@ def test_node_removed_mid_run_and_replaced_run_finishes(tmp_path, session_dir) -
         cluster.shutdown()
 
 
-@pytest.mark.skipif(shutil.which("ray", path=str(Path(sys.executable).parent)) is None, reason="ray CLI missing")
 def _head_processes(pgid: int, temp_dir: str) -> list[int]:
     """This test's head: the processes of ``ray start``'s process group or naming its --temp-dir."""
     out = []
@@ -121,18 +119,28 @@ def _head_processes(pgid: int, temp_dir: str) -> list[int]:
     return out
 
 
+@pytest.mark.skipif(shutil.which("ray", path=str(Path(sys.executable).parent)) is None, reason="ray CLI missing")
 def test_ray_job_submit_runs_sprout_train_and_logs_to_mlflow(tmp_path, session_dir) -> None:
-    """A real head (127.0.0.1, token auth), a real job submission of the laptop command."""
+    """A real head (127.0.0.1, token auth) and real submissions of the laptop command through
+    cluster/submit.sh: the first job is stopped with `ray job stop` mid-run (sprout's graceful
+    stop must land between its SIGTERM and the SIGKILL after cluster/runtime_env.yaml's
+    RAY_JOB_STOP_WAIT_TIME_S: run KILLED, resume message); the same command submitted again
+    resumes into the same MLflow run and succeeds."""
     bindir = Path(sys.executable).parent
     gcs, dash = _free_port(), _free_port()
     store = tmp_path / "mlflow.db"
+    debug = tmp_path / "debug"
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{bindir}:{os.environ['PATH']}",
                MLFLOW_TRACKING_URI=f"sqlite:///{store}", RAY_ADDRESS="")
     env.pop("RAY_ADDRESS")
     env.pop("SPROUT_GIT_SHA", None)  # an in-process Ray fixture of this session may have set it
     # The job's processes inherit the head's environment: with no usable git there, the run's
-    # git_sha can only come from what cluster/submit.sh put in the job's runtime env.
-    head_env = dict(env, GIT_DIR=str(tmp_path / "no-git-here"))
+    # git_sha can only come from what cluster/submit.sh put in the job's runtime env. The
+    # drill hook (SPROUT_DEBUG_DIR) holds the first job at epoch 3, so `ray job stop` lands mid-run.
+    head_env = dict(env, GIT_DIR=str(tmp_path / "no-git-here"), SPROUT_DEBUG_DIR=str(debug))
+    name, epochs = "job-digits", 4
+    (debug / name).mkdir(parents=True)
+    (debug / name / "pause-at-epoch").write_text("2")
     # Our own --temp-dir (short: Ray's socket paths must fit 107 bytes) and process group: the head
     # is stopped by its own processes, never by `ray stop`, which ends every Ray on the host.
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")
@@ -153,34 +161,66 @@ def test_ray_job_submit_runs_sprout_train_and_logs_to_mlflow(tmp_path, session_d
         # the dashboard / job API listens on loopback only (the real sockets of the head's processes)
         socks = _listening(head_pids)
         assert {ip for ip, port in socks if port == dash} == {"127.0.0.1"}, sorted(socks)
-        entry = (f"sprout train configs/digits.yaml --name job-digits --set train.epochs=2 "
-                 f"--set storage.path={tmp_path / 'rr'} --set experiment=job-submit --set eval.attacks=[]")
-        for _ in range(12):  # a fresh head answers "No available agent" until its dashboard agent is up
+        entry = (f"sprout train configs/digits.yaml --name {name} --set train.epochs={epochs} "
+                 f"--set storage.path={tmp_path / 'rr'} --set experiment=job-submit --set eval.attacks=[] "
+                 "--set train.val_pgd_steps=2 --set train.checkpoint_keep=10").split()
+        addr = f"--address=http://127.0.0.1:{dash}"
+        job = [str(bindir / "ray"), "job"]
+
+        def submit(submission_id: str, *flags: str) -> subprocess.CompletedProcess:
             # cluster/submit.sh: `ray job submit` with cluster/runtime_env.yaml plus this checkout's
             # commit as SPROUT_GIT_SHA (the uploaded working dir has no .git)
-            sub = subprocess.run(
-                [str(ROOT / "cluster" / "submit.sh"), f"--address=http://127.0.0.1:{dash}",
-                 "--submission-id", "sprout-job-test", "--", *entry.split()],
-                env=env, capture_output=True, text=True,
-                timeout=600, cwd=ROOT,
-            )
-            if "No available agent" not in sub.stdout + sub.stderr:
-                break
-            time.sleep(5)
+            for _ in range(12):  # a fresh head answers "No available agent" until its dashboard agent is up
+                sub = subprocess.run([str(ROOT / "cluster" / "submit.sh"), addr, *flags, "--submission-id",
+                                      submission_id, "--", *entry], env=env, capture_output=True, text=True,
+                                     timeout=600, cwd=ROOT)
+                if "No available agent" not in sub.stdout + sub.stderr:
+                    return sub
+                time.sleep(5)
+            return sub
+
+        sub = submit("sprout-job-stop", "--no-wait")
         assert sub.returncode == 0, (sub.stdout[-3000:], sub.stderr[-3000:])
-        status = subprocess.run(
-            [str(bindir / "ray"), "job", "status", f"--address=http://127.0.0.1:{dash}", "sprout-job-test"],
-            env=env, capture_output=True, text=True, timeout=60,
-        )
-        assert "succeeded" in (status.stdout + status.stderr).lower()
+        deadline = time.time() + 600
+        while not (debug / name / "paused-at-epoch-2").exists():
+            if not (time.time() < deadline):
+                pytest.fail("the submitted run never reached epoch 3")
+            time.sleep(0.5)
+        first_pid = json.loads((debug / name / "worker-0-epoch-0.json").read_text())["pid"]
+        stop = subprocess.run([*job, "stop", addr, "sprout-job-stop"], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert stop.returncode == 0, stop.stderr[-3000:]
+        status = subprocess.run([*job, "status", addr, "sprout-job-stop"], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert "stopped" in (status.stdout + status.stderr).lower()
+        logs = subprocess.run([*job, "logs", addr, "sprout-job-stop"], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert "re-run the same command to resume" in logs.stdout + logs.stderr
         c = tracking.client(f"sqlite:///{store}")
         exp = c.get_experiment_by_name("job-submit")
         runs = c.search_runs([exp.experiment_id])
-        assert len(runs) == 1 and runs[0].data.tags["sprout.run_key"] == "job-digits"
+        assert len(runs) == 1 and runs[0].data.tags["sprout.run_key"] == name and runs[0].info.status == "KILLED"
+        run_id = runs[0].info.run_id
+        assert sorted(m.step for m in c.get_metric_history(run_id, "train/loss")) == [1, 2]
+        resume_from = _latest_ckpt_epoch(tmp_path / "rr" / name)
+        assert resume_from == 2
+
+        again = submit("sprout-job-resume")
+        assert again.returncode == 0, (again.stdout[-3000:], again.stderr[-3000:])
+        assert "(resumed)" in again.stdout
+        status = subprocess.run([*job, "status", addr, "sprout-job-resume"], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert "succeeded" in (status.stdout + status.stderr).lower()
+        runs = c.search_runs([exp.experiment_id])
+        assert len(runs) == 1 and runs[0].info.run_id == run_id and runs[0].info.status == "FINISHED"
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         assert runs[0].data.tags["git_sha"] == head.stdout.strip()  # the submitting checkout's commit
-        assert sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "val/clean_acc")) == [1, 2]
-        _ray_job_stop_is_graceful_and_resubmission_resumes(bindir, dash, env, tmp_path, c)
+        for key in ("train/loss", "val/clean_acc"):
+            assert sorted(m.step for m in c.get_metric_history(run_id, key)) == list(range(1, epochs + 1)), key
+        # resumed, not retrained: the epochs before the checkpoint kept the first job's worker
+        pids = [json.loads((debug / name / f"worker-0-epoch-{e}.json").read_text())["pid"] for e in range(epochs)]
+        assert pids[:resume_from] == [first_pid] * resume_from
+        assert first_pid not in pids[resume_from:], pids
     finally:
         if starter.poll() is None:
             starter.kill()
@@ -188,44 +228,3 @@ def test_ray_job_submit_runs_sprout_train_and_logs_to_mlflow(tmp_path, session_d
         assert not _head_processes(starter.pid, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
-
-def _ray_job_stop_is_graceful_and_resubmission_resumes(bindir: Path, dash: int, env: dict, tmp_path: Path, c) -> None:
-    """`ray job stop` sends SIGTERM and, after cluster/runtime_env.yaml's RAY_JOB_STOP_WAIT_TIME_S,
-    SIGKILL: sprout's graceful stop must land in between (run KILLED, resume message), and the
-    same command submitted again resumes into the same MLflow run."""
-    name, epochs = "job-stopped", 4
-    sets = [f"storage.path={tmp_path / 'rr'}", "experiment=job-submit", "eval.attacks=[]", f"train.epochs={epochs}",
-            "train.val_pgd_steps=2", "train.checkpoint_keep=10", *SLOW_DATA]
-    entry = ["sprout", "train", "configs/digits.yaml", "--name", name, *[a for s in sets for a in ("--set", s)]]
-    job = [str(bindir / "ray"), "job"]
-    addr = f"--address=http://127.0.0.1:{dash}"
-    submit = [*job, "submit", addr, "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"),
-              "--working-dir", str(ROOT)]
-    sub = subprocess.run([*submit, "--no-wait", "--submission-id", "sprout-job-stop", "--", *entry],
-                         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert sub.returncode == 0, sub.stderr[-3000:]
-    deadline = time.time() + 600
-    while _latest_ckpt_epoch(tmp_path / "rr" / name) < 1:
-        if not (time.time() < deadline):
-            pytest.fail("the submitted run checkpointed no epoch in time")
-        time.sleep(0.5)
-    stop = subprocess.run([*job, "stop", addr, "sprout-job-stop"], env=env, capture_output=True, text=True, timeout=300)
-    assert stop.returncode == 0, stop.stderr[-3000:]
-    status = subprocess.run([*job, "status", addr, "sprout-job-stop"], env=env, capture_output=True, text=True,
-                            timeout=60)
-    assert "stopped" in (status.stdout + status.stderr).lower()
-    logs = subprocess.run([*job, "logs", addr, "sprout-job-stop"], env=env, capture_output=True, text=True, timeout=60)
-    assert "re-run the same command to resume" in logs.stdout + logs.stderr
-    exp = c.get_experiment_by_name("job-submit")
-    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`sprout.run_key` = '{name}'")
-    assert len(runs) == 1 and runs[0].info.status == "KILLED"
-    logged = sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "train/loss"))
-    assert 1 <= len(logged) < epochs
-
-    again = subprocess.run([*submit, "--submission-id", "sprout-job-resume", "--", *entry],
-                           env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert again.returncode == 0, (again.stdout[-3000:], again.stderr[-3000:])
-    assert "(resumed)" in again.stdout
-    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`sprout.run_key` = '{name}'")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert sorted(m.step for m in c.get_metric_history(runs[0].info.run_id, "train/loss")) == list(range(1, epochs + 1))

@@ -83,16 +83,21 @@ def test_a_failing_run_prints_the_failure_the_workers_last_lines_and_the_log(tmp
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 def test_on_a_terminal_the_run_line_is_redrawn_in_place(tmp_path) -> None:
-    """A real pseudo-terminal (tmux): the screen holds one line for the run, redrawn per epoch.
+    """A real pseudo-terminal (tmux): the screen holds one line for the run, redrawn per epoch,
+    with its state; then the evaluation's bar for the model names the attack it is running.
     The screen is captured while the run trains: the same single row shows earlier epochs first."""
     sock = str(tmp_path / "tmux.sock")
     script = tmp_path / "run.sh"
     env = _env(tmp_path)
     exports = "".join(f"export {k}={v!r}\n" for k, v in env.items() if k.isidentifier() and "'" not in v)
-    script.write_text(f"{exports}cd {ROOT}\n{' '.join(_cmd('tty', tmp_path, 'train.epochs=6'))}\n"
+    # an evaluation of several seconds (PGD-200, 18 blocks), so that captures 0.2 s apart see its bar move
+    cmd = _cmd("tty", tmp_path, "train.epochs=6", "eval.attacks=[pgd200]", "eval.n_examples=359", "eval.batch_size=20")
+    script.write_text(f"{exports}cd {ROOT}\n{' '.join(repr(a) if '[' in a else a for a in cmd)}\n"
                       f"echo EXIT=$?\nsleep 600\n")
     subprocess.run(["tmux", "-S", sock, "new-session", "-d", "-x", "200", "-y", "50", f"bash {script}"], check=True)
     seen: list[int] = []  # the epoch the run's row showed, capture after capture
+    states: list[str] = []  # the state the run's row showed, capture after capture
+    eval_rows: list[str] = []
     try:
         deadline = time.time() + HANG_GUARD_S
         screen = ""
@@ -107,6 +112,9 @@ def test_on_a_terminal_the_run_line_is_redrawn_in_place(tmp_path) -> None:
             m = re.search(r"epoch (\d)/6", rows[0]) if rows else None
             if m and (not seen or seen[-1] != int(m.group(1))):
                 seen.append(int(m.group(1)))
+            if rows and (not states or states[-1] != rows[0].split()[1]):
+                states.append(rows[0].split()[1])
+            eval_rows += [line for line in screen.splitlines() if line.startswith("eval tty")]
     finally:
         subprocess.run(["tmux", "-S", sock, "kill-server"], capture_output=True)
     assert "EXIT=0" in screen, screen
@@ -115,4 +123,12 @@ def test_on_a_terminal_the_run_line_is_redrawn_in_place(tmp_path) -> None:
     assert "epoch 6/6" in rows[0] and "val clean" in rows[0], rows
     # the one row was redrawn: it showed an earlier epoch before the last, in order
     assert len(seen) >= 2 and seen == sorted(seen) and seen[-1] == 6, seen
+    # its state: starting (no epoch yet) or running while it trained, finished at the end
+    assert states[-1] == "finished" and "running" in states and set(states) <= {"starting", "running", "finished"}, states
+    assert rows[0].startswith("tty finished ")
+    # the evaluation: one bar for the model, naming the attack it is on (clean, then pgd200) and its share done
+    assert eval_rows and all(re.match(r"eval tty  (clean \(1/2\)|pgd200 \(2/2\)|done) .* +\d+%$", r.rstrip())
+                             for r in eval_rows), eval_rows
+    shares = [int(r.rstrip()[-4:-1]) for r in eval_rows if "pgd200 (2/2)" in r]
+    assert len(set(shares)) >= 2 and shares == sorted(shares) and 0 < shares[0] < 100, eval_rows  # it moved
     assert not any(n in screen for n in NOISE), screen

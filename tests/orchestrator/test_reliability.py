@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -634,6 +636,38 @@ def test_local_ray_dashboard_is_loopback_and_token_auth_is_enforced(ray_local) -
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_the_jobs_state_api_finds_its_own_ray_while_another_ray_runs_on_the_host(ray_local, tmp_path) -> None:
+    """Ray Train's placement-group cleaner asks the State API, from inside the job, whether its
+    controller is alive. With a second Ray instance on the machine (another sprout, CI), a job
+    process left to find the API itself fails with "Found multiple active Ray instances" and the
+    cleaner gives up (ASHA-stopped trials then leak their CPUs): the address is handed to the job."""
+    import ray
+
+    other_tmp = tempfile.mkdtemp(prefix="ray2-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    other = subprocess.Popen(
+        [PY, "-c", "import ray, sys, time; ray.init(address='local', include_dashboard=False, num_cpus=0, "
+                   f"_temp_dir={other_tmp!r}); print('up', flush=True); time.sleep(600)"],
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert other.stdout.readline().strip() == "up"
+
+        @ray.remote(num_cpus=0)
+        def controller_alive_query() -> int:
+            from ray.util.state import list_actors
+
+            return len(list_actors(limit=1000))
+
+        assert ray.get(controller_alive_query.remote(), timeout=120) >= 0
+    finally:
+        os.killpg(other.pid, signal.SIGTERM)
+        other.wait(timeout=60)
+        _reap_group(other.pid)
+        shutil.rmtree(other_tmp, ignore_errors=True)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_nan_loss_fails_the_run_naming_epoch_step_and_method_and_keeps_the_good_checkpoint(
         ray_local, tmp_path, session_dir, capsys) -> None:
     """LR ×1e30 after one good epoch: the loss overflows in epoch 2; no Ray retry. Through the CLI
@@ -677,6 +711,56 @@ def test_nan_loss_fails_the_run_naming_epoch_step_and_method_and_keeps_the_good_
     assert _record_pid(debug, 0) == _record_pid(debug, 1), "Ray restarted the worker: a NaN was retried"
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_final_model_that_cannot_be_logged_fails_the_run_and_keeps_its_checkpoints(
+        ray_local, tmp_path, session_dir, capsys) -> None:
+    """Training finishes, then logging the selected model fails (a real fault: a regular file
+    stands where the experiment's ``models/`` artifact directory (MLflow 3's logged models) must
+    go, placed while rank 0 is held at epoch 2): exit 1 with one line saying the run trained, the
+    run FAILED (never left RUNNING) with the error tag, and the checkpoints still there and loadable."""
+    from orchestrator.cli import main
+    from trainables.checkpoint import load_checkpoint
+
+    name = f"unlogged-{uuid.uuid4().hex[:6]}"
+    rr = tmp_path / "rr"
+    debug = session_dir / "debug" / name
+    debug.mkdir(parents=True)
+    (debug / "pause-at-epoch").write_text("1")
+    experiment = f"test-{name}"  # its own artifact location: the blocker must not reach other tests
+    sets = [f"storage.path={rr}", f"experiment={experiment}", "method=natural", "train.epochs=2",
+            "train.val_pgd_steps=0", "eval.attacks=[]", "train.checkpoint_keep=10"]
+    box: dict = {}
+    th = threading.Thread(target=lambda: box.setdefault("code", main(
+        ["train", str(DIGITS), "--name", name, *[a for x in sets for a in ("--set", x)]])), daemon=True)
+    th.start()
+    try:
+        deadline = time.time() + HANG_GUARD_S
+        while not (debug / "paused-at-epoch-1").exists():
+            if not (th.is_alive() and time.time() < deadline):
+                pytest.fail(f"the run never reached epoch 2: {box}")
+            time.sleep(0.1)
+        c = tracking.client()
+        run_id = _runs_with_key(c, experiment, name)[0].info.run_id
+        location = Path(c.get_experiment_by_name(experiment).artifact_location.removeprefix("file://"))
+        assert location.is_dir() and not (location / "models").exists()
+        (location / "models").write_text("not a directory")
+    finally:
+        (debug / "resume").write_text("")
+    th.join(timeout=HANG_GUARD_S)
+    assert not th.is_alive() and box.get("code") == 1, box
+    lines = [ln for ln in _nonblank(capsys.readouterr().err) if ln.startswith("sprout:")]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"sprout: train failed: RuntimeError: training run '{name}' trained, but its final model could not be "
+        "logged: "), lines
+    run = c.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert "model" in run.data.tags[tracking.ERROR_TAG]
+    assert _steps(c, run_id, "train/loss") == [1, 2]  # it did train: the failure came after fit()
+    ckpts = sorted(d for d in (rr / name).glob("checkpoint_*") if d.is_dir())
+    assert [load_checkpoint(d)["epoch"] for d in ckpts] == [0, 1]
+
+
 # ---------------------------------------------------------- real `sprout train` processes
 
 
@@ -693,8 +777,10 @@ def test_train_driver_sigkilled_then_rerun_finishes_from_its_last_checkpoint(tmp
     secret = f"s3cr3t-{uuid.uuid4().hex}"
     env = _train_env(f"sqlite:///{store}", debug, SPROUT_TEST_SECRET=secret)
     cmd = _train_cmd(name, [f"storage.path={tmp_path / 'rr'}", f"experiment={exp}", f"train.epochs={epochs}",
-                            "eval.attacks=[]", "train.val_pgd_steps=2", "train.checkpoint_keep=10", *SLOW_DATA])
+                            "eval.attacks=[]", "train.val_pgd_steps=2", "train.checkpoint_keep=10"])
     c = tracking.client(f"sqlite:///{store}")
+    (debug / name).mkdir(parents=True)
+    (debug / name / "pause-at-epoch").write_text("2")  # rank 0 holds after 2 epochs: the kill lands mid-run
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -708,6 +794,7 @@ def test_train_driver_sigkilled_then_rerun_finishes_from_its_last_checkpoint(tmp
     resume_from = _latest_ckpt_epoch(tmp_path / "rr" / name)
     assert 2 <= len(before) < epochs and before == list(range(1, len(before) + 1)), before
     assert c.get_run(run_id).info.status == "RUNNING"  # a SIGKILL leaves no chance to mark it
+    assert (debug / name / "paused-at-epoch-2").exists()
 
     rerun = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -738,8 +825,9 @@ def test_sigterm_and_ctrl_c_stop_sprout_train_mark_killed_exit_130_and_rerun_res
     debug = tmp_path / "debug"
     run_dir = tmp_path / "rr" / name
     env = _train_env(f"sqlite:///{store}", debug)
+    # digits epochs take a fraction of a second: the drill hook below, not slow data, keeps each signal mid-run
     cmd = _train_cmd(name, [f"storage.path={tmp_path / 'rr'}", f"experiment={exp}", f"train.epochs={epochs}",
-                            "eval.attacks=[]", "train.val_pgd_steps=2", "train.checkpoint_keep=10", *SLOW_DATA])
+                            "eval.attacks=[]", "train.val_pgd_steps=2", "train.checkpoint_keep=10"])
     c = tracking.client(f"sqlite:///{store}")
     logged, pids = 0, {}
     (debug / name).mkdir(parents=True)
@@ -829,10 +917,12 @@ def _stop_with(sig: signal.Signals, to_group: bool, cmd: list[str], env: dict, c
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sigterm_and_ctrl_c_stop_sprout_sweep_mark_killed_exit_130_and_rerun_resumes(tmp_path) -> None:
-    """``sprout sweep`` (4 trials of 3 epochs, 2 at a time): SIGTERM to the driver, then Ctrl-C to the process
-    group of the resumed sweep, then a re-run that finishes. Ray Tune alone would swallow the
-    first Ctrl-C and return as if done (parent FINISHED, exit 0, unfinished trials closed)."""
+def test_ctrl_c_stops_sprout_sweep_marks_killed_exit_130_and_rerun_resumes(tmp_path) -> None:
+    """``sprout sweep`` (4 trials of 3 epochs, 2 at a time): Ctrl-C to the process group, then a
+    re-run that finishes. Ray Tune alone would swallow the first Ctrl-C and return as if done
+    (parent FINISHED, exit 0, unfinished trials closed). SIGTERM takes the same path through
+    ``fit_tuner`` (one handler forwards it to Tune's SIGINT stop); the compare test sends it to
+    a Tune phase for real."""
     import ray
 
     ray.shutdown()
@@ -847,7 +937,7 @@ def test_sigterm_and_ctrl_c_stop_sprout_sweep_mark_killed_exit_130_and_rerun_res
     c = tracking.client(f"sqlite:///{store}")
     done_before = 0
     pids: dict[str, dict[str, int]] = {}
-    for sig, to_group in ((signal.SIGTERM, False), (signal.SIGINT, True)):
+    for sig, to_group in ((signal.SIGINT, True),):
         def progressed(floor: int = done_before) -> bool:
             _, kids = _children(c, exp, name)
             return sum(_checkpointed(rr, kids).values()) > floor
@@ -897,7 +987,7 @@ def test_sigterm_stops_sprout_compare_before_its_next_phase_and_rerun_finishes(t
     store, debug, rr = tmp_path / "mlflow.db", tmp_path / "debug", tmp_path / "rr"
     env = _train_env(f"sqlite:///{store}", debug)
     sets = [f"storage.path={rr}", f"experiment={exp}", f"train.epochs={epochs}", "train.val_pgd_steps=2",
-            "train.checkpoint_keep=10", *SLOW_DATA]
+            "train.checkpoint_keep=10"]  # digits: the pause files below keep the signals mid-phase
     cmd = [PY, "-m", "orchestrator", "compare", str(DIGITS), "--methods", "natural,sprout", "--attacks", "pgd20",
            "--n-examples", "32", "--name", name, *[a for s in sets for a in ("--set", s)]]
     c = tracking.client(f"sqlite:///{store}")

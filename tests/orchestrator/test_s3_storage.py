@@ -449,6 +449,13 @@ def test_compare_starts_sprout_from_the_natural_models_s3_checkpoint(seaweed, tm
     # ranking, masking in words, then the link to the parent run; a few lines in all
     lines = _nonblank(out.stdout + out.stderr)
     assert len(lines) <= 30, lines
+    # without a terminal: one line per epoch of each method (never twice: the SPROUT phase must not
+    # show natural's epochs again) and one per attack as it finishes on a model
+    stderr = _nonblank(out.stderr)
+    epochs = [line.split(":")[0] + line.split("  ")[0][-4:] for line in stderr if " epoch " in line]
+    assert sorted(epochs) == sorted(f"cmp-s3-{m}{e}" for m in ("natural", "sprout") for e in (" 1/2", " 2/2")), stderr
+    evals = [line.split(" done")[0] for line in stderr if line.startswith("eval ")]
+    assert sorted(evals) == ["eval natural: pgd20", "eval sprout: pgd20"], stderr
     stdout = _nonblank(out.stdout)
     assert stdout[-1].startswith(f"MLflow parent run: http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}"
                                  f"/runs/{parent.info.run_id}"), stdout[-3:]

@@ -133,10 +133,14 @@ def test_errors_and_progress(models, test_set, capsys):
         EvalConfig(invariance=("blur",))
     assert set(SUITE_ATTACKS) == {"pgd20", "pgd100", "pgd200", "cw_linf", "cw_l2", "autoattack", "transfer",
                                   "invariance", "targeted", "masking_checks"}
-    seen = []
-    run_suite(model, test_set, ["invariance"], EvalConfig(n_examples=20, batch_size=10, progress=True),
-              on_block=lambda done, total: seen.append((done, total)))
+    seen, per_attack = [], []
+    run_suite(model, test_set, ["invariance", "pgd20"], EvalConfig(n_examples=20, batch_size=10, progress=True),
+              on_block=lambda done, total: seen.append((done, total)),
+              on_attack=lambda name, done, total: per_attack.append((name, done, total)))
     assert seen == [(1, 2), (2, 2)]
+    # each attack reports each block it finished (what the console's per-model, per-attack view reads)
+    assert per_attack == [("clean", 1, 2), ("invariance", 1, 2), ("pgd20", 1, 2),
+                          ("clean", 2, 2), ("invariance", 2, 2), ("pgd20", 2, 2)]
     assert "eval shard 0/1" in capsys.readouterr().err
     # the caller's training mode survives the suite
     model.train()
