@@ -27,6 +27,10 @@ from benchmarks._emit import emit  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", help="also write the numbers as JSON here (- for stdout)")
+    ap.add_argument("--max-lines", type=int, default=None,
+                    help="exit 1 unless the output has at most this many non-blank lines, one line per epoch "
+                         "of each method, and ends with the table, the ranking, the masking line and the "
+                         "parent run's link (issue 15 asks for ~60)")
     args = ap.parse_args()
     from mlflow.tracking import MlflowClient
 
@@ -50,12 +54,41 @@ def main() -> int:
                  for r in children}
     res = {"wall_s": round(wall, 1), "console_lines": len(lines), "train_s": train, "eval_cpu_s": evals,
            "train_total_s": round(sum(train.values()), 1)}
+    if args.max_lines is not None:
+        problems = check_output(out.stdout, out.stderr, args.max_lines, epochs=8, methods=sorted(train))
+        if problems:
+            print("\n".join(["the demo's output does not hold:", *problems, "--- output ---", *lines]))
+            return 1
     rows = [f"| make demo wall time | {wall / 60:.0f} min {wall % 60:.0f} s |",
             f"| console lines | {len(lines)} |",
             f"| training, all methods (sum of time/train_total_s) | {res['train_total_s']:.0f} s |"]
     rows += [f"| training {m} | {s:.0f} s |" for m, s in sorted(train.items())]
     rows += [f"| evaluation {m} (sum of its attacks' time, in its shard) | {s:.0f} s |" for m, s in sorted(evals.items())]
     return emit(res, "| what | value |\n|---|---|\n" + "\n".join(rows), args.json)
+
+
+def check_output(stdout: str, stderr: str, max_lines: int, *, epochs: int, methods: list[str]) -> list[str]:
+    """What is wrong with the demo's console output (empty: nothing)."""
+    lines = [line for line in (stdout + stderr).splitlines() if line.strip()]
+    out = [line for line in stdout.splitlines() if line.strip()]
+    problems = []
+    if len(lines) > max_lines:
+        problems.append(f"{len(lines)} non-blank lines > {max_lines}")
+    shown = sorted(line.split("  ")[0] for line in stderr.splitlines() if ": epoch " in line)
+    want = sorted(f"compare-digits-small_cnn-{m}: epoch {e}/{epochs}" for m in methods for e in range(1, epochs + 1))
+    if shown != want:
+        problems.append(f"epoch lines: {len(shown)}, expected one per epoch of each method ({len(want)})")
+    head = next((i for i, line in enumerate(out) if line.split()[:2] == ["method", "clean"]), None)
+    if head is None or len(out) != head + 2 + len(methods) + 3:
+        problems.append("stdout does not end with the table (header, rule, one row per method), ranking, masking, link")
+    else:
+        if not out[head + 2 + len(methods)].startswith("ranking by "):
+            problems.append("no ranking line after the table")
+        if not out[-2].startswith("gradient masking: "):
+            problems.append("no masking line after the ranking")
+        if not out[-1].startswith("MLflow parent run: http://127.0.0.1:5000/#/experiments/"):
+            problems.append("the last line is not the parent run's link")
+    return problems
 
 
 if __name__ == "__main__":

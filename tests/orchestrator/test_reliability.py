@@ -197,6 +197,13 @@ def _wait_for_epochs(proc: subprocess.Popen, c, experiment: str, key: str, n: in
         time.sleep(0.25)
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """``Popen`` preexec: the child takes Ctrl-C as a terminal's foreground job does (Python's
+    KeyboardInterrupt), even when pytest inherited SIGINT ignored, as a job started with ``&``
+    from a script does (``exec`` keeps an ignored signal ignored, so the child would never stop)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _latest_ckpt_epoch(run_dir: Path) -> int:
     """1-based epoch of the checkpoint Ray would resume from (0: none yet)."""
     snap = run_dir / "checkpoint_manager_snapshot.json"
@@ -838,7 +845,7 @@ def test_sigterm_and_ctrl_c_stop_sprout_train_mark_killed_exit_130_and_rerun_res
         err_path = tmp_path / f"{sig.name}.err"
         with err_path.open("w") as err:
             proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=_sigint_as_in_a_terminal)
             try:
                 run_id = _wait_for_epochs(proc, c, exp, name, logged + 1, run_dir)  # one more epoch than before
                 (os.killpg if to_group else os.kill)(proc.pid, sig)
@@ -897,7 +904,8 @@ def _stop_with(sig: signal.Signals, to_group: bool, cmd: list[str], env: dict, c
     """Start ``cmd``, wait until ``ready()`` holds, send ``sig``; the exit code."""
     with err_path.open("w") as err:
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=_sigint_as_in_a_terminal)
         try:
             deadline = time.time() + HANG_GUARD_S
             while not ready():
