@@ -138,6 +138,10 @@ class TrainConfig(_Strict):
     max_steps_per_epoch: int | None = Field(default=None, ge=1)
     max_failures: int = Field(default=3, ge=-1)
     checkpoint_keep: int = Field(default=2, ge=1)
+    # A checkpoint every N epochs (and after the last): fast epochs on object storage stall less
+    # (BENCHMARKS.md, issue 12); a crash retrains up to N - 1 epochs; the selected model is the
+    # best of the checkpointed epochs only.
+    checkpoint_every: int = Field(default=1, ge=1)
     # Null: the method's own (val/clean_acc for natural and label_smoothing, val/pgd_acc for the
     # robust methods); resolved by ``checkpoint_metric(cfg)``.
     checkpoint_metric: Literal["val/pgd_acc", "val/clean_acc"] | None = None

@@ -39,6 +39,12 @@ def _debug_dir(name: str) -> Path | None:
     return Path(root) / name if root else None
 
 
+def checkpoint_due(epoch: int, epochs: int, every: int) -> bool:
+    """Whether 0-based ``epoch`` ends with a checkpoint: every ``train.checkpoint_every`` epochs
+    and always the last one (the final model and ``sprout eval --run-id`` need it)."""
+    return (epoch + 1) % every == 0 or epoch + 1 == epochs
+
+
 def _maybe_inject_fault(name: str, epoch: int, rank: int) -> None:
     d = _debug_dir(name)
     if d is None or rank != 0 or not (d / "kill-at-epoch").is_file():
@@ -153,6 +159,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             if logger is not None:
                 logger.log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
+        if rank == 0 and checkpoint_due(epoch, run.epochs, cfg.train.checkpoint_every):
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, training_state(model, run.optimizer, run.method, epoch, world_size=world))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

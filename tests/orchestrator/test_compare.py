@@ -1,4 +1,5 @@
-"""``sprout compare`` on digits, and its MLflow UI checked in a real browser (issue 5)."""
+"""``sprout compare`` on digits: `make demo`'s own command, its report and console output, and
+its MLflow UI in a real browser (issues 5 and 15)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,20 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
+from benchmarks.demo_time import check_output
 from orchestrator import tracking
-from orchestrator.compare import parse_methods, variant_overrides
-from orchestrator.config import ConfigError
-from tests.conftest import DIGITS, digits_cfg
+from orchestrator.compare import DEFAULT_METHODS, parse_methods, variant_overrides
+from orchestrator.config import ConfigError, load_config
+from tests.conftest import DIGITS
 
-METHODS = ["natural", "pgd_at", "sprout"]
-ATTACKS = ["pgd20", "transfer", "invariance"]
+METHODS = sorted(DEFAULT_METHODS)
+DEMO_EXAMPLES = 40  # test examples per model (the demo evaluates 100; the lines do not depend on it)
+DEMO_MAX_LINES = 62  # the log path + 4 methods x 8 epochs + 4 models x 5 attacks + table (6) + 3
+HANG_GUARD_S = 900  # only a guard against hangs, never a performance assertion
 
 
 def test_method_list_parsing_and_ablations() -> None:
@@ -34,24 +39,58 @@ def test_method_list_parsing_and_ablations() -> None:
         parse_methods("natural,madry")
 
 
-@pytest.fixture(scope="module")
-def comparison(tmp_path_factory, mlflow_uri, session_dir):
-    from orchestrator.compare import run_compare
-    from orchestrator.session import ensure_ray
+class Demo(NamedTuple):
+    cfg: Any
+    out: dict[str, str]  # {"parent_run_id": ...}
+    tmp: Path  # the working directory: ./mlflow.db, ./ray_results
+    uri: str
+    proc: subprocess.CompletedProcess
 
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri
-    ensure_ray()
-    tmp = tmp_path_factory.mktemp("compare")
-    cfg = digits_cfg(tmp, "train.epochs=2", "experiment=test-compare")
-    out = run_compare(cfg, METHODS, name="cmp3", attacks=ATTACKS, n_examples=120)
-    return cfg, out, tmp
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory) -> Demo:
+    """`make demo`'s own command (`sprout compare configs/digits.yaml`: four methods, 8 epochs,
+    five attacks with AutoAttack) as a user runs it: a subprocess with its own Ray, in a fresh
+    working directory holding its ./mlflow.db; 40 test examples per model instead of 100 so
+    that CI can afford it. The report, UI and console-output tests below share it."""
+    import ray
+
+    ray.shutdown()  # one Ray instance at a time: the demo starts its own
+    tmp = tmp_path_factory.mktemp("demo")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "SPROUT_DEBUG_DIR")}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "compare", str(DIGITS), "--n-examples",
+                           str(DEMO_EXAMPLES)], cwd=tmp, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    assert (tmp / "mlflow.db").is_file()  # the working directory's store, which `make ui` serves
+    cfg = load_config(DIGITS)
+    c = tracking.client(uri)
+    (parent,) = c.search_runs([c.get_experiment_by_name(cfg.experiment).experiment_id],
+                              filter_string="tags.`sprout_kind` = 'compare'")
+    return Demo(cfg, {"parent_run_id": parent.info.run_id}, tmp, uri, proc)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_make_demo_prints_a_line_per_epoch_and_attack_then_the_table_and_the_link(comparison) -> None:
+    """Issue 15: at most ~60 lines (62), one per epoch of each method and one per attack finished on
+    each model, then the table, the ranking, the masking line and the parent run's link. The
+    full demo's wall time: ``benchmarks/demo_time.py --max-lines 62`` (the same check)."""
+    proc = comparison.proc
+    problems = check_output(proc.stdout, proc.stderr, DEMO_MAX_LINES, epochs=8, methods=METHODS)
+    assert not problems, "\n".join([*problems, "--- output ---", proc.stdout, proc.stderr])
+    evals = sorted(line.split(" done")[0] for line in proc.stderr.splitlines() if line.startswith("eval "))
+    attacks = ["autoattack", "cw_linf", "invariance", "pgd20", "transfer"]
+    assert evals == sorted(f"eval {m}: {a}" for m in METHODS for a in attacks), proc.stderr
+    last = proc.stdout.rstrip().splitlines()[-1]
+    assert f"/experiments/1/runs/{comparison.out['parent_run_id']}  (" in last, last  # the demo's own parent run
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_comparison_report_has_every_column_and_measured_ratios(comparison) -> None:
-    cfg, out, tmp = comparison
-    c = tracking.client()
+    cfg, out, tmp, uri, _ = comparison
+    c = tracking.client(uri)
     parent = c.get_run(out["parent_run_id"])
     assert parent.data.tags["sprout_kind"] == "compare" and parent.info.status == "FINISHED"
     path = c.download_artifacts(out["parent_run_id"], "report/comparison.csv", str(tmp))
@@ -82,8 +121,8 @@ def test_comparison_report_has_every_column_and_measured_ratios(comparison) -> N
     for m, r in rows.items():
         run = by_method[m]
         assert run.data.tags["method"] == m
-        want = recompute(run_config(run.info.run_id), run.data.tags["sprout.selected_checkpoint"],
-                         ["pgd20", "invariance"], 120)
+        want = recompute(run_config(run.info.run_id, uri), run.data.tags["sprout.selected_checkpoint"],
+                         ["pgd20", "invariance"], DEMO_EXAMPLES)
         for k in ("test/clean_acc", "test/pgd20_acc", "test/rotation_acc", "test/gray_acc"):
             assert float(r[k]) == want[k], (m, k, r[k], want[k])
         seen[m] = tuple(float(r[k]) for k in ("test/clean_acc", "test/pgd20_acc", "test/rotation_acc"))
@@ -99,15 +138,15 @@ def test_comparison_report_has_every_column_and_measured_ratios(comparison) -> N
 @pytest.mark.ray
 @pytest.mark.slow
 def test_children_and_sprout_starts_from_natural(comparison) -> None:
-    cfg, out, _ = comparison
-    c = tracking.client()
+    cfg, out, _, uri, _ = comparison
+    c = tracking.client(uri)
     exp = c.get_experiment_by_name(cfg.experiment)
     kids = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{out['parent_run_id']}'")
     by = {r.data.tags["method"]: r for r in kids}
-    assert sorted(by) == sorted(METHODS) and len(kids) == 3
+    assert sorted(by) == sorted(METHODS) and len(kids) == len(METHODS)
     natural_ckpt = by["natural"].data.tags["sprout.selected_checkpoint"]
     assert by["sprout"].data.params["train.init_from"] == natural_ckpt
-    assert by["pgd_at"].data.params["train.init_from"] == "None"
+    assert by["pgd_at"].data.params["train.init_from"] == by["trades"].data.params["train.init_from"] == "None"
     for r in kids:
         assert "test/clean_acc" in r.data.metrics and r.data.tags.get("masking.flagged") in ("true", "false")
     assert "plots/beta_correlation.png" in {a.path for a in c.list_artifacts(by["sprout"].info.run_id, "plots")}
@@ -119,12 +158,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _chromium(url: str, *args: str) -> str:
+def _chromium(url: str, *args: str, window: str = "1400,900") -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     prof = Path(os.environ.get("TMPDIR", "/tmp")) / f"chrome-{os.getpid()}-{time.monotonic_ns()}"
     cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={prof}", "--virtual-time-budget=10000", "--window-size=1400,900", *args, url]
+           f"--user-data-dir={prof}", "--virtual-time-budget=10000", f"--window-size={window}", *args, url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     shutil.rmtree(prof, ignore_errors=True)
     return out.stdout
@@ -134,11 +173,11 @@ def _chromium(url: str, *args: str) -> str:
 @pytest.mark.slow
 @pytest.mark.browser
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="needs chromium")
-def test_mlflow_ui_shows_the_comparison_in_a_real_browser(comparison, mlflow_uri, session_dir) -> None:
-    cfg, out, tmp = comparison
+def test_mlflow_ui_shows_the_comparison_in_a_real_browser(comparison, session_dir) -> None:
+    cfg, out, tmp, uri, _ = comparison
     port = _free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", mlflow_uri,
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", uri,
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -155,17 +194,29 @@ def test_mlflow_ui_shows_the_comparison_in_a_real_browser(comparison, mlflow_uri
             if not (time.time() < deadline and server.poll() is None):
                 pytest.fail("mlflow server did not come up")
             time.sleep(1)
-        c = tracking.client()
+        c = tracking.client(uri)
         exp_id = c.get_experiment_by_name(cfg.experiment).experiment_id
         runs_dom = _chromium(f"{base}/#/experiments/{exp_id}/runs", "--dump-dom")
-        assert "cmp3" in runs_dom  # the comparison's parent run is listed
+        parent = c.get_run(out["parent_run_id"]).info.run_name
+        assert parent in runs_dom  # the comparison's parent run is listed
         kids = c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{out['parent_run_id']}'")
         ids = urllib.parse.quote(json.dumps([r.info.run_id for r in kids]))
         url = f"{base}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([exp_id]))}"
         dom = _chromium(url, "--dump-dom")
-        for m in METHODS:
-            assert f"cmp3-{m}" in dom, f"run cmp3-{m} not on the compare page"
-        assert "test/pgd20_acc" in dom and "time/epoch_s" in dom
+        for kid in kids:
+            assert kid.info.run_name in dom, f"run {kid.info.run_name} not on the compare page"
+        assert len(kids) == len(METHODS)
+        # accuracy and robustness: the metrics table's first rows (MLflow renders the rest on scroll)
+        assert "test/clean_acc" in dom and "test/autoattack_acc" in dom
+        # cost: the time/epoch_s page of the same runs lists each run's last epoch time, as logged
+        q = lambda v: urllib.parse.quote(json.dumps(v))  # noqa: E731
+        murl = (f"{base}/#/metric?runs={ids}&metric={q('time/epoch_s')}&experiments={q([exp_id])}"
+                f"&plot_metric_keys={q(['time/epoch_s'])}&plot_layout={{}}&x_axis=step&y_axis_scale=linear"
+                "&line_smoothness=1&show_point=false&deselected_curves=[]&last_linear_y_axis_range=[]")
+        mdom = _chromium(murl, "--dump-dom")
+        for kid in kids:
+            last = max(c.get_metric_history(kid.info.run_id, "time/epoch_s"), key=lambda m: m.step)
+            assert kid.info.run_name in mdom and f"{last.value!r} (step={last.step})" in mdom, kid.info.run_name
         shot = session_dir / "mlflow_compare.png"
         _chromium(url, f"--screenshot={shot}")
         assert shot.stat().st_size > 20_000  # a rendered page, not a blank one

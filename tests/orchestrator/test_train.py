@@ -46,14 +46,15 @@ def _records(debug: Path) -> dict[tuple[int, int], dict]:
     return out
 
 
-def run_config(run_id: str):
-    """The config a run trained with, from its ``config.yaml`` artifact."""
+def run_config(run_id: str, uri: str | None = None):
+    """The config a run trained with, from its ``config.yaml`` artifact (in the store at ``uri``)."""
     import tempfile
 
     from orchestrator.config import from_dict
 
     with tempfile.TemporaryDirectory() as d:
-        return from_dict(yaml.safe_load(Path(tracking.client().download_artifacts(run_id, "config.yaml", d)).read_text()))
+        path = tracking.client(uri).download_artifacts(run_id, "config.yaml", d)
+        return from_dict(yaml.safe_load(Path(path).read_text()))
 
 
 def recompute(cfg, checkpoint: str, attacks: list[str], n_examples: int) -> dict[str, float]:
@@ -199,6 +200,42 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_weights(two_worker
     a, b = _final_state(reference.checkpoint_path), _final_state(out.checkpoint_path)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+@pytest.mark.parametrize(("epochs", "every", "due"), [(3, 1, [0, 1, 2]), (10, 4, [3, 7, 9]), (4, 2, [1, 3]),
+                                                    (2, 5, [1])])
+def test_checkpoint_due_every_nth_epoch_and_always_the_last(epochs, every, due) -> None:
+    from orchestrator.ray_train import checkpoint_due
+
+    assert [e for e in range(epochs) if checkpoint_due(e, epochs, every)] == due
+
+
+def test_checkpoint_every_two_epochs_and_a_killed_worker_resumes_from_the_last_one(two_worker_run, session_dir) -> None:
+    """``train.checkpoint_every=2`` over 5 epochs: checkpoints after epochs 2, 4 and 5 only. Rank 0
+    SIGKILLs itself at the start of epoch 4, after epoch 3 trained without a checkpoint: Ray restarts
+    from epoch 2's checkpoint, so epoch 3 is trained again by the new process (and logged once)."""
+    from trainables.checkpoint import load_checkpoint
+
+    cfg0, _, _ = two_worker_run
+    name = "every-two"
+    debug = session_dir / "debug" / name
+    debug.mkdir(parents=True, exist_ok=True)
+    (debug / "kill-at-epoch").write_text("3")
+    cfg = digits_cfg(Path(cfg0.storage.path).parent, "experiment=test-checkpoint-every", "train.epochs=5",
+                     "train.checkpoint_every=2", "train.max_failures=1")
+    out = run_training(cfg, name)
+    killed = int((debug / "killed-at-epoch-3").read_text())
+    pids = {e: rec["pid"] for (r, e), rec in _records(debug).items() if r == 0}
+    assert [pids[e] == killed for e in range(5)] == [True, True, False, False, False], (killed, pids)
+    ckpts = sorted(d for d in (Path(cfg.storage.path) / name).glob("checkpoint_*") if d.is_dir())
+    assert sorted(load_checkpoint(d)["epoch"] for d in ckpts) == [1, 3, 4]
+    c = tracking.client()
+    for key in PER_EPOCH:
+        assert _steps(c, out.run_id, key) == [1, 2, 3, 4, 5], key
+    # the selected model is the best of the checkpointed epochs
+    hist = {m.step: m.value for m in c.get_metric_history(out.run_id, "val/pgd_acc")}
+    epoch = load_checkpoint(out.best_checkpoint_path)["epoch"] + 1
+    assert epoch in (2, 4, 5) and hist[epoch] == max(hist[e] for e in (2, 4, 5)), (epoch, hist)
 
 
 def test_sprout_eval_run_id_logs_test_metrics_to_the_training_run(two_worker_run, capsys, tmp_path) -> None:
