@@ -158,12 +158,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _chromium(url: str, *args: str, window: str = "1400,900") -> str:
+def _chromium(url: str, *args: str) -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     prof = Path(os.environ.get("TMPDIR", "/tmp")) / f"chrome-{os.getpid()}-{time.monotonic_ns()}"
     cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={prof}", "--virtual-time-budget=10000", f"--window-size={window}", *args, url]
+           f"--user-data-dir={prof}", "--virtual-time-budget=10000", "--window-size=1400,900", *args, url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     shutil.rmtree(prof, ignore_errors=True)
     return out.stdout
