@@ -17,6 +17,12 @@ What is timed, for the full training state of VGG-16 (CIFAR-10, 10 classes) and 
 - ``s3 via Ray``: what a training worker does: save to a local temporary directory, then
   upload it with ``pyarrow.fs.copy_files`` (Ray Train's checkpoint upload) to the bucket.
 
+The stall is the save of the path training takes: ``local_save_s`` on a local ``storage.path``,
+``s3_ray_save_s`` on ``s3://`` (``orchestrator/ray_train.py`` writes the state to a local
+temporary directory and ``ray.train.report`` uploads it; training never calls
+``storage.save_checkpoint`` on an ``s3://`` location). The direct ``s3`` save is shown for the
+storage layer's own API (``sprout prepare-data``, tools), not counted as a training stall.
+
 The S3 endpoint is a real ``weed mini`` started on 127.0.0.1 by this script (``tests/services.py``),
 so the numbers are loopback numbers: a remote bucket adds network time (size ÷ bandwidth).
 
@@ -145,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             state = training_state(name, classes, ch)
             r = measure(state, "bench", work, args.repeats)
             med = {k: statistics.median(v) for k, v in r.items() if k.endswith("_s")}
-            worst_save = max(med["s3_save_s"], med["s3_ray_save_s"], med["local_save_s"])
-            s3_save = max(med["s3_save_s"], med["s3_ray_save_s"])
+            s3_save = med["s3_ray_save_s"]  # the path training takes to s3:// (see the docstring)
+            worst_save = max(s3_save, med["local_save_s"])
             r.update({f"median_{k}": v for k, v in med.items()}, epoch_s=epoch_s[w], preset=preset,
                      checkpoint_every=every, stall_fraction_s3_every_epoch=s3_save / epoch_s[w],
                      stall_fraction_local=med["local_save_s"] / (every * epoch_s[w]),
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         "| model | checkpoint MB | save local s | save S3 s | save S3 via Ray upload s | S3 ÷ local (save) "
-        "| load local s | load S3 s | S3 ÷ local (load) | epoch s | S3 stall, a checkpoint every epoch "
+        "| load local s | load S3 s | S3 ÷ local (load) | epoch s | S3 (training path) stall, every epoch "
         "| preset, checkpoint_every | stall, local | stall, S3 | ≤ 5 % |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -174,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * r['stall_fraction_local']:.2f} % | {100 * r['stall_fraction_s3']:.2f} % | "
             f"{'met' if r['met'] else 'NOT met'} |"
         )
-    lines.append(f"(medians of {args.repeats}; S3 = weed mini on 127.0.0.1; stall = slowest save ÷ "
-                 "(checkpoint_every × epoch s), at the preset's checkpoint_every)")
+    lines.append(f"(medians of {args.repeats}; S3 = weed mini on 127.0.0.1; stall = the training path's save ÷ "
+                 "(checkpoint_every × epoch s), at the preset's checkpoint_every: the local save on a local "
+                 "storage.path, the local save plus Ray's upload on s3://; the direct S3 save is not on it)")
     return emit(results, "\n".join(lines), args.json)
 
 

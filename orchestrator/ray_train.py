@@ -52,8 +52,39 @@ def _maybe_inject_fault(name: str, epoch: int, rank: int) -> None:
     marker = d / f"killed-at-epoch-{epoch}"
     if int((d / "kill-at-epoch").read_text().strip()) != epoch or marker.exists():
         return
+    _wait_until_registered()
     marker.write_text(str(os.getpid()))
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _wait_until_registered(timeout_s: float = 120.0) -> None:
+    """Drill hook: hold until Ray Train's controller has registered this worker's last reported
+    checkpoint (its name is in the run's ``checkpoint_manager_snapshot.json``).
+
+    The controller takes reports by polling the workers; a worker killed between its report
+    and the next poll loses that report, and the run restarts from the one before (Ray's own
+    semantics). The drills model the loss of a worker after its checkpoint was recorded, so
+    the epoch they resume from does not depend on how loaded the machine is."""
+    import posixpath
+
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return
+    storage = ray.train.get_context().get_storage()
+    fs = storage.storage_filesystem
+    snapshot = posixpath.join(storage.experiment_fs_path, "checkpoint_manager_snapshot.json")
+    want = posixpath.basename(ckpt.path.rstrip("/"))
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with fs.open_input_stream(snapshot) as f:
+                if want in f.read().decode():
+                    return
+        except (FileNotFoundError, OSError):
+            pass
+        time.sleep(0.1)
 
 
 def _maybe_pause(name: str, epoch: int, rank: int, timeout_s: float = 300.0) -> None:

@@ -711,10 +711,11 @@ def test_mlflow_runs_on_postgresql_with_proxied_artifacts_and_basic_auth():
     (pg_svc,) = [s for s in kube("Service") if s["metadata"]["name"] == "mlflow-postgres"]
     host = f"mlflow-postgres.{pg_svc['metadata']['namespace']}.svc:{pg_svc['spec']['ports'][0]['port']}"
     for uri in (backend, auth_db):
-        assert re.fullmatch(rf"postgresql://mlflow@{re.escape(host)}/\w+", uri), f"{uri}: PostgreSQL, no password"
+        assert re.fullmatch(rf"postgresql\+psycopg2://mlflow@{re.escape(host)}/\w+", uri), f"{uri}: PostgreSQL, no password"
     assert backend.rsplit("/", 1)[1] != auth_db.rsplit("/", 1)[1], "two databases: both stores use alembic_version"
     assert "admin_password" not in config["mlflow"], "the admin password comes from a Secret"
-    for name in ("PGPASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+    # MLflow 3's basic-auth app refuses to start without a CSRF key shared by its workers
+    for name in ("PGPASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
         assert "secretKeyRef" in env[name]["valueFrom"], name
     assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"].startswith(
         next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "auth-config")
@@ -1151,6 +1152,15 @@ def test_launcher_mlflow_has_basic_auth_with_credentials_from_a_file(path: Path,
     assert ini["mlflow"]["database_uri"] == f"sqlite:///{home}/mlflow/basic_auth.db"
     assert ini["mlflow"]["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
     assert "pw" not in (home / "mlflow/basic_auth.ini").read_text()
+    # production stores come from the same file (tests/orchestrator/test_mlflow_server.py runs them)
+    (home / ".sprout/mlflow.env").write_text("MLFLOW_TRACKING_USERNAME=alice\nMLFLOW_TRACKING_PASSWORD=pw\n"
+                                             "SPROUT_MLFLOW_AUTH_DATABASE_URI=postgresql+psycopg2://mlflow@db:5432/mlflow_auth\n")
+    subprocess.run(["bash", "-c", ini_cmd], env={"HOME": str(home), "PATH": os.environ["PATH"]}, check=True)
+    ini.read(home / "mlflow/basic_auth.ini")
+    assert ini["mlflow"]["database_uri"] == "postgresql+psycopg2://mlflow@db:5432/mlflow_auth"
+    for flag, var, default in (("--backend-store-uri", "SPROUT_MLFLOW_BACKEND_STORE_URI", "sqlite:///$HOME/mlflow/mlflow.db"),
+                               ("--artifacts-destination", "SPROUT_MLFLOW_ARTIFACTS_DESTINATION", "$HOME/mlflow/artifacts")):
+        assert f'{flag} "${{{var}:-{default}}}"' in server, flag
 
 
 # ---------------------------------------------------------------- the commit on cluster runs

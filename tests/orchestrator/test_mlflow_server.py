@@ -8,8 +8,10 @@ variables; the ``sprout`` process gets no bucket credentials at all (proxied art
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -165,3 +167,102 @@ def test_wrong_or_missing_mlflow_credentials_exit_2_with_one_line_and_start_noth
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", alice.admin_user)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", alice.admin_password)
     assert tracking.client(alice.uri).get_experiment_by_name(exp) is None  # no experiment, no run on the server
+
+
+def test_the_launchers_mlflow_command_runs_on_postgresql_and_the_bucket_named_in_its_env_file(
+        mlflow_server, seaweed, tmp_path, monkeypatch) -> None:
+    """`cluster/aws.yaml`'s (= `gcp.yaml`'s) own head command, run as the head runs it, with the
+    production stores named in ``~/.sprout/mlflow.env``: runs in PostgreSQL, users in a second
+    database, artifacts proxied to the bucket, login required; nothing on the head's disk."""
+    import urllib.error
+    import urllib.request
+
+    import psycopg2
+    import yaml
+
+    from tests.services import BIN, free_port
+
+    _, pg = mlflow_server
+    cmds = []
+    for launcher in ("aws.yaml", "gcp.yaml"):
+        cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "cluster" / launcher).read_text())
+        cmds.append(next(c for c in cfg["head_start_ray_commands"] if "mlflow server" in c))
+    assert cmds[0] == cmds[1], "both launchers start the same server"
+    port = free_port()  # the head's 0.0.0.0:5000, moved to a free loopback port for the test
+    cmd = cmds[0].replace("--host 0.0.0.0 --port 5000", f"--host 127.0.0.1 --port {port}")
+    cmd = cmd.replace("127.0.0.1:5000", f"127.0.0.1:{port}")
+    assert cmd.count(str(port)) == 2, cmd
+    suffix = uuid.uuid4().hex[:8]
+    runs_db, users_db, prefix = f"launcher_{suffix}", f"launcher_auth_{suffix}", f"launcher-{suffix}"
+    conn = psycopg2.connect(host="127.0.0.1", port=pg.port, user=pg.user, password=pg.password, dbname="postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        for db in (runs_db, users_db):
+            cur.execute(f"CREATE DATABASE {db}")
+    conn.close()
+    home = tmp_path / "home"
+    (home / ".sprout").mkdir(parents=True)
+    admin, admin_pw = "ops", f"ops-{uuid.uuid4().hex}"
+    db = f"postgresql+psycopg2://{pg.user}@127.0.0.1:{pg.port}"  # no password in a URI: PGPASSWORD
+    (home / ".sprout" / "mlflow.env").write_text(
+        f"MLFLOW_TRACKING_USERNAME={admin}\nMLFLOW_TRACKING_PASSWORD={admin_pw}\nPGPASSWORD={pg.password}\n"
+        f"SPROUT_MLFLOW_BACKEND_STORE_URI={db}/{runs_db}\nSPROUT_MLFLOW_AUTH_DATABASE_URI={db}/{users_db}\n"
+        f"SPROUT_MLFLOW_ARTIFACTS_DESTINATION=s3://{BUCKET}/{prefix}\n")
+    # the head's environment: its PATH and its instance profile's bucket access (here: the endpoint's keys)
+    env = {"HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}", **seaweed.env()}
+    head = subprocess.Popen(["bash", "-c", cmd], env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert head.wait(timeout=60) == 0  # the command returns; the server runs on under nohup
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:  # noqa: S310 - loopback
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            log = (home / "mlflow" / "server.log").read_text()
+            try:
+                os.killpg(head.pid, 0)  # the server is still up (it runs on in the command's group)
+            except ProcessLookupError:
+                pytest.fail(f"the launcher's mlflow server exited:\n{log[-3000:]}")
+            assert time.time() < deadline, log[-3000:]
+            time.sleep(0.5)
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(base + "/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)  # noqa: S310
+        assert anonymous.value.code == 401
+        for k in [k for k in os.environ if k.startswith("AWS_")]:
+            monkeypatch.delenv(k)  # the client reaches the bucket only through the server
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin_pw)
+        c = tracking.client(base)
+        exp_id = c.create_experiment(f"launcher-{suffix}")
+        run_id = c.create_run(exp_id).info.run_id
+        c.log_metric(run_id, "val/clean_acc", 0.875, step=3)
+        note = tmp_path / "note.txt"
+        note.write_text(f"written through the head's server {suffix}")
+        c.log_artifact(run_id, str(note))
+        c.set_terminated(run_id)
+        with psycopg2.connect(host="127.0.0.1", port=pg.port, user=pg.user, password=pg.password,
+                              dbname=runs_db) as runs, runs.cursor() as cur:
+            cur.execute("SELECT key, value, step FROM metrics WHERE run_uuid = %s", (run_id,))
+            assert cur.fetchall() == [("val/clean_acc", 0.875, 3)]
+        with psycopg2.connect(host="127.0.0.1", port=pg.port, user=pg.user, password=pg.password,
+                              dbname=users_db) as users, users.cursor() as cur:
+            cur.execute("SELECT username FROM users")
+            assert [r[0] for r in cur.fetchall()] == [admin]
+        key = f"{prefix}/{exp_id}/{run_id}/artifacts/note.txt"
+        assert key in seaweed.keys(BUCKET, f"{prefix}/")
+        assert seaweed.client().get_object(Bucket=BUCKET, Key=key)["Body"].read() == note.read_bytes()
+        left = sorted(p.name for p in (home / "mlflow").rglob("*") if p.is_file())
+        assert left == ["basic_auth.ini", "flask_secret", "server.log"], left  # no SQLite store, no local artifacts
+        assert (home / "mlflow" / "flask_secret").stat().st_mode & 0o077 == 0
+        assert admin_pw not in (home / "mlflow" / "basic_auth.ini").read_text()
+    finally:
+        try:
+            os.killpg(head.pid, signal.SIGTERM)
+            time.sleep(2)
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -175,9 +175,11 @@ def test_sweep_asha_resume_after_killed_driver(tmp_path, mlflow_uri) -> None:
     assert sorted(by_trial) == sorted(iters)
     for trial, it in iters.items():
         run = by_trial[trial]
-        # rank 0 logs an epoch before Tune hears of it: a stopped trial may have logged one more
+        # rank 0 logs each epoch before Tune hears of it, and ASHA's stop reaches the workers
+        # through Train's and Tune's polls: with digits' sub-second epochs on a loaded machine a
+        # stopped trial may have logged up to its last epoch, never a gap or a duplicate
         steps = _steps(c, run.info.run_id, "train/loss")
-        assert steps == list(range(1, len(steps) + 1)) and it <= len(steps) <= min(it + 1, 4), (trial, it, steps)
+        assert steps == list(range(1, len(steps) + 1)) and it <= len(steps) <= 4, (trial, it, steps)
         assert (run.data.tags.get("sprout.early_stopped") == "true") == (it < 4), (trial, it)
         if it < 4:
             at_rung = {t: _at(c, by_trial[t].info.run_id, METRIC, it) for t in iters if iters[t] >= it}
