@@ -15,20 +15,23 @@ What is timed, for the full training state of VGG-16 (CIFAR-10, 10 classes) and 
   fsynced temporary file + rename) and ``load_checkpoint`` back (checksum + ``weights_only``);
 - ``s3``: the same two calls on ``s3://bucket/...`` (encode + one object put / one get);
 - ``s3 via Ray``: what a training worker does: save to a local temporary directory, then
-  upload it with ``pyarrow.fs.copy_files`` (Ray Train's checkpoint upload) to the bucket.
+  upload it with ``pyarrow.fs.copy_files`` (Ray Train's checkpoint upload) to the bucket;
+- ``local via Ray``: the same, copied to a local directory (Ray Train on a local ``storage.path``).
 
-The stall is the save of the path training takes: ``local_save_s`` on a local ``storage.path``,
-``s3_ray_save_s`` on ``s3://`` (``orchestrator/ray_train.py`` writes the state to a local
-temporary directory and ``ray.train.report`` uploads it; training never calls
-``storage.save_checkpoint`` on an ``s3://`` location). The direct ``s3`` save is shown for the
-storage layer's own API (``sprout prepare-data``, tools), not counted as a training stall.
+The stall is the save of the path training takes: ``local_ray_save_s`` on a local
+``storage.path``, ``s3_ray_save_s`` on ``s3://`` (``orchestrator/ray_train.py`` writes the state
+to a local temporary directory and ``ray.train.report`` copies or uploads it; training never
+calls ``storage.save_checkpoint`` on the storage location itself). The direct saves are shown
+for the storage layer's own API (``sprout prepare-data``, tools), not counted as a stall.
 
 The S3 endpoint is a real ``weed mini`` started on 127.0.0.1 by this script (``tests/services.py``),
 so the numbers are loopback numbers: a remote bucket adds network time (size ÷ bandwidth).
 
 Epoch times for the stall fraction are arguments, defaulting to fast epochs (a shorter epoch
 makes the fraction larger): VGG-16 on CIFAR-10, 14.7 s (the paper's Table 6 natural epoch; SPROUT
-is no slower); ResNet-50 on ImageNet, 64 s (1.28 M images at 8 GPUs × 2,500 images/s).
+is no slower); ResNet-50 on ImageNet, 64 s (1.28 M images at 8 GPUs × 2,500 images/s);
+ResNet-152 on ImageNet, 37.2 s (its preset's 16 GPUs × 2,150 images/s, SPROUT's bf16 rate on one
+H200 in BENCHMARKS.md).
 
     python benchmarks/checkpoint_storage.py --repeats 5 --json checkpoint_storage.json
 """
@@ -54,6 +57,7 @@ TARGET_STALL = 0.05
 WORKLOADS = {  # model, classes, input channels, default epoch seconds (see the docstring), preset
     "vgg16": ("vgg16", 10, 3, 14.7, "cifar10_vgg16.yaml"),
     "resnet50": ("resnet50", 1000, 3, 64.0, "imagenet_resnet50.yaml"),
+    "resnet152": ("resnet152", 1000, 3, 37.2, "imagenet_resnet152.yaml"),
 }
 
 
@@ -105,17 +109,22 @@ def measure(state: dict[str, Any], bucket: str, local_root: Path, repeats: int) 
     via_ray = f"s3://{bucket}/bench-{run}/ray_checkpoint_000000"
     fs, ray_dst = storage.filesystem(via_ray)
 
-    def ray_path() -> None:
+    local_fs = pafs.LocalFileSystem()
+    ray_local = local_root / run / "ray_checkpoint_000000"
+
+    def ray_path(dst: str, dst_fs) -> None:
         with tempfile.TemporaryDirectory(dir=local_root) as tmp:
             storage.save_checkpoint(tmp, state)
-            pafs.copy_files(tmp, ray_dst, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            dst_fs.create_dir(dst, recursive=True)  # as Ray does before its copy
+            pafs.copy_files(tmp, dst, source_filesystem=local_fs, destination_filesystem=dst_fs)
 
     res: dict[str, Any] = {
         "local_save_s": _time(lambda: storage.save_checkpoint(local, state), repeats),
         "local_load_s": _time(lambda: storage.load_checkpoint(local), repeats),
         "s3_save_s": _time(lambda: storage.save_checkpoint(remote, state), repeats),
         "s3_load_s": _time(lambda: storage.load_checkpoint(remote), repeats),
-        "s3_ray_save_s": _time(ray_path, repeats),
+        "local_ray_save_s": _time(lambda: ray_path(str(ray_local), local_fs), repeats),
+        "s3_ray_save_s": _time(lambda: ray_path(ray_dst, fs), repeats),
     }
     res["bytes"] = (local / FILE).stat().st_size
     assert storage.load_checkpoint(storage.join(via_ray, FILE))["epoch"] == 0  # what was uploaded loads
@@ -124,10 +133,10 @@ def measure(state: dict[str, Any], bucket: str, local_root: Path, repeats: int) 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workloads", default="vgg16,resnet50")
+    ap.add_argument("--workloads", default="vgg16,resnet50,resnet152")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--epoch-s", action="append", default=[], metavar="WORKLOAD=SECONDS",
-                    help="epoch time for the stall fraction (defaults: vgg16=14.7, resnet50=64)")
+                    help="epoch time for the stall fraction (defaults: vgg16=14.7, resnet50=64, resnet152=37.2)")
     ap.add_argument("--json", help="write the numbers as JSON here ('-': stdout)")
     args = ap.parse_args(argv)
     import torch
@@ -152,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(state, "bench", work, args.repeats)
             med = {k: statistics.median(v) for k, v in r.items() if k.endswith("_s")}
             s3_save = med["s3_ray_save_s"]  # the path training takes to s3:// (see the docstring)
-            worst_save = max(s3_save, med["local_save_s"])
+            local_save = med["local_ray_save_s"]  # the same path to a local storage.path
+            worst_save = max(s3_save, local_save)
             r.update({f"median_{k}": v for k, v in med.items()}, epoch_s=epoch_s[w], preset=preset,
                      checkpoint_every=every, stall_fraction_s3_every_epoch=s3_save / epoch_s[w],
-                     stall_fraction_local=med["local_save_s"] / (every * epoch_s[w]),
+                     stall_fraction_local=local_save / (every * epoch_s[w]),
                      stall_fraction_s3=s3_save / (every * epoch_s[w]),
                      met=worst_save / (every * epoch_s[w]) <= TARGET_STALL)
             results["workloads"][w] = r
@@ -165,15 +175,17 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     lines = [
-        "| model | checkpoint MB | save local s | save S3 s | save S3 via Ray upload s | S3 ÷ local (save) "
+        "| model | checkpoint MB | save local s | save local via Ray copy s | save S3 s | save S3 via Ray upload s "
+        "| S3 ÷ local (save) "
         "| load local s | load S3 s | S3 ÷ local (load) | epoch s | S3 (training path) stall, every epoch "
         "| preset, checkpoint_every | stall, local | stall, S3 | ≤ 5 % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for w, r in results["workloads"].items():
-        m = {k: r[f"median_{k}"] for k in ("local_save_s", "s3_save_s", "s3_ray_save_s", "local_load_s", "s3_load_s")}
+        m = {k: r[f"median_{k}"] for k in ("local_save_s", "local_ray_save_s", "s3_save_s", "s3_ray_save_s", "local_load_s", "s3_load_s")}
         lines.append(
-            f"| {w} | {r['bytes'] / 2**20:.1f} | {m['local_save_s']:.3f} | {m['s3_save_s']:.3f} | "
+            f"| {w} | {r['bytes'] / 2**20:.1f} | {m['local_save_s']:.3f} | {m['local_ray_save_s']:.3f} | "
+            f"{m['s3_save_s']:.3f} | "
             f"{m['s3_ray_save_s']:.3f} | {m['s3_save_s'] / m['local_save_s']:.2f} | {m['local_load_s']:.3f} | "
             f"{m['s3_load_s']:.3f} | {m['s3_load_s'] / m['local_load_s']:.2f} | {r['epoch_s']:g} | "
             f"{100 * r['stall_fraction_s3_every_epoch']:.2f} % | {r['preset']}, {r['checkpoint_every']} | "
@@ -181,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{'met' if r['met'] else 'NOT met'} |"
         )
     lines.append(f"(medians of {args.repeats}; S3 = weed mini on 127.0.0.1; stall = the training path's save ÷ "
-                 "(checkpoint_every × epoch s), at the preset's checkpoint_every: the local save on a local "
-                 "storage.path, the local save plus Ray's upload on s3://; the direct S3 save is not on it)")
+                 "(checkpoint_every × epoch s), at the preset's checkpoint_every: the save to a local temporary "
+                 "directory plus Ray's copy to storage.path (local) or upload (s3://); the direct saves are not on it)")
     return emit(results, "\n".join(lines), args.json)
 
 
