@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(if $(CI),--hypothesis-seed=0)
+	$(BIN)/pytest -q $(if $(CI),--hypothesis-seed=0)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow and not ray"

@@ -64,10 +64,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-# `make test` runs the suite on 2 pytest-xdist workers, a whole module per worker (its module and
-# session fixtures start once), handed out in collection order: the modules that take longest
-# (real Ray runs, servers, signals; measured in BENCHMARKS.md's CI table) go first so that no
-# worker is left with a long module at the end. Within a module the order is the file's.
+# `make test` runs the suite in one process (two pytest-xdist workers on the 2-core CI machine
+# overlapped two real-Ray modules and timed out: BENCHMARKS.md's CI table). The modules with real
+# Ray runs, servers and signals go first so that a broken cluster path fails the run early; the
+# order within a module is the file's, and no test depends on the order.
 SLOW_MODULES = (
     "tests/orchestrator/test_reliability.py",
     "tests/orchestrator/test_s3_storage.py",
