@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 from trainables.models.common import Normalized
@@ -107,6 +106,10 @@ def _torchvision_resnet(arch: str):
     ) -> nn.Module:
         if in_channels != 3:
             raise ValueError(f"model {arch} needs 3 input channels, got data with {in_channels}")
+        # imported here: torchvision.models pulls in torch._dynamo (~1-2 s per process), and every
+        # Ray worker imports this module whether or not it builds an ImageNet ResNet
+        import torchvision.models
+
         # weights=None: nothing is downloaded; start from a checkpoint with train.init_from.
         net = getattr(torchvision.models, arch)(
             weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual
