@@ -6,6 +6,8 @@ from __future__ import annotations
 import collections
 import pickle
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -38,6 +40,25 @@ def test_digits_splits_partition_the_dataset():
     )
     union = as_keys(splits["train"]) + as_keys(splits["val"]) + as_keys(splits["test"])
     assert union == whole  # disjoint and complete, as multisets of (image, label)
+
+
+def test_digits_file_reads_exactly_as_sklearn_loads_it():
+    """The splits index into this array by position: same order and values as load_digits."""
+    from sklearn.datasets import load_digits
+
+    from trainables.data.digits import load_digits_arrays
+
+    flat, target = load_digits_arrays()
+    full = load_digits()
+    assert np.array_equal(flat, full.data) and np.array_equal(target, full.target)
+    assert np.array_equal(flat.reshape(-1, 8, 8), full.images)
+
+
+def test_loading_digits_does_not_import_sklearn():
+    code = ("import sys; from trainables import DATASETS; DATASETS['digits'](split='val'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_digits_splits_are_deterministic_and_test_is_seed_independent():
