@@ -414,9 +414,10 @@ def test_worker_killed_at_epoch_2_resumes_from_the_s3_checkpoint(seaweed, tmp_pa
     runs = _runs_with_key(c, exp, name)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert _steps(c, runs[0].info.run_id, "train/loss") == [1, 2, 3]
-    # Ray restarted the worker group; the new worker restored from S3 (the only storage) and did
-    # not train epoch 1 again (a hard kill may cost the last epoch's report, never the first)
-    assert _pid(debug, 0) == killed
+    # Ray restarted the worker group; the new worker restored epoch 2's checkpoint from S3 (the
+    # only storage: the drill kills once the controller has registered it) and did not train
+    # epochs 1-2 again
+    assert _pid(debug, 0) == killed and _pid(debug, 1) == killed
     assert _pid(debug, 2) != killed
     # every epoch's checkpoint is an object (one more when the kill lost an uploaded epoch's report)
     assert len(_checkpoint_keys(seaweed, f"{prefix}/{name}")) >= epochs
