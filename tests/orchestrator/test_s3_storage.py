@@ -419,7 +419,7 @@ def test_worker_killed_at_epoch_2_resumes_from_the_s3_checkpoint(seaweed, tmp_pa
     # epochs 1-2 again
     assert _pid(debug, 0) == killed and _pid(debug, 1) == killed
     assert _pid(debug, 2) != killed
-    # every epoch's checkpoint is an object (one more when the kill lost an uploaded epoch's report)
+    # every epoch's checkpoint is an object
     assert len(_checkpoint_keys(seaweed, f"{prefix}/{name}")) >= epochs
 
 
