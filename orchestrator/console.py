@@ -173,8 +173,14 @@ class Watcher:
             pass
 
     def poll(self, client: Any) -> None:
+        """One look at every watched run. Each MLflow call is an HTTP request (and a password
+        check) on a production server, so a quiet poll costs one ``get_run`` (none for runs a
+        sweep's or comparison's search just returned) and one metric history per run; the other
+        metrics are fetched only when a new epoch is there to print."""
+        found: dict[str, Any] = {}
         if self.discover is not None:
             for run_id, label, epochs, run in self.discover(client):
+                found[run_id] = run
                 if run_id in self.runs:
                     continue
                 # a run from before this watch (a resumed trial, an earlier phase): its epochs
@@ -183,13 +189,16 @@ class Watcher:
                 done = len(client.get_metric_history(run_id, "train/loss")) if earlier else 0
                 self.add(run_id, label, epochs, done, active=run.info.status == "RUNNING")
         for w in list(self.runs.values()):
-            run = client.get_run(w.run_id)
+            run = found[w.run_id] if w.run_id in found else client.get_run(w.run_id)
             if not w.active and run.info.status != "RUNNING":
                 continue
             w.active = True
-            hist = {k: {m.step: m.value for m in client.get_metric_history(w.run_id, k)} for k in self.KEYS}
+            hist = {"train/loss": {m.step: m.value for m in client.get_metric_history(w.run_id, "train/loss")}}
             steps = sorted(hist["train/loss"])
             new = [s for s in steps if s > w.shown]
+            if new:
+                for k in self.KEYS[1:]:
+                    hist[k] = {m.step: m.value for m in client.get_metric_history(w.run_id, k)}
             state = _STATES.get(run.info.status, run.info.status.lower())
             if state == "running" and not steps:
                 state = "starting"  # Ray is placing its workers: no epoch yet
@@ -259,18 +268,24 @@ def watch_run(uri: str, run_id: str, label: str, epochs: int, done: int = 0) -> 
         yield w
 
 
-@contextmanager
-def watch_children(uri: str, experiment: str, parent_run_id: str, epochs_of: Any) -> Iterator[Watcher]:
-    """Follow every child run of a sweep or comparison as it appears (``epochs_of(run)`` → total)."""
+def children_finder(experiment: str, parent_run_id: str, epochs_of: Any) -> Any:
+    """A :class:`Watcher` ``discover`` function: every child run of a sweep or comparison, with
+    its label and epoch count (``epochs_of(run)``), found by one ``search_runs`` per poll."""
 
-    def discover(client: Any) -> list[tuple[str, str, int, int]]:
+    def discover(client: Any) -> list[tuple[str, str, int, Any]]:
         exp = client.get_experiment_by_name(experiment)
         runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
                                   max_results=1000)
         return [(r.info.run_id, r.data.tags.get("mlflow.runName", r.info.run_id[:8]), epochs_of(r), r) for r in runs]
 
+    return discover
+
+
+@contextmanager
+def watch_children(uri: str, experiment: str, parent_run_id: str, epochs_of: Any) -> Iterator[Watcher]:
+    """Follow every child run of a sweep or comparison as it appears (``epochs_of(run)`` → total)."""
     w = Watcher(uri, unfinished="stopped early")  # a trial Tune stopped before its last epoch
-    w.discover = discover
+    w.discover = children_finder(experiment, parent_run_id, epochs_of)
     with w:
         yield w
 

@@ -22,7 +22,8 @@ import torch
 # When set, each worker records under $SPROUT_DEBUG_DIR/<run name>/ the sample indices it
 # trained on per epoch (audits of data sharding); a file ``kill-at-epoch`` there holding an
 # epoch number makes rank 0 SIGKILL itself once at that epoch, and ``pause-at-epoch`` holds
-# it once there until a ``resume`` file appears (fault-injection drills).
+# it once there until a ``resume`` file appears (fault-injection drills). A ``pause-at-epoch``
+# in $SPROUT_DEBUG_DIR itself holds every run of the job (a sweep's trials, named by Tune).
 DEBUG_DIR_ENV = "SPROUT_DEBUG_DIR"
 
 
@@ -88,14 +89,17 @@ def _wait_until_registered(timeout_s: float = 120.0) -> None:
 
 
 def _maybe_pause(name: str, epoch: int, rank: int, timeout_s: float = 300.0) -> None:
-    """Drill hook: a ``pause-at-epoch`` file holds rank 0 once at that epoch until ``resume``
-    appears, so a test can take a node away while the run is provably mid-flight."""
+    """Drill hook: a ``pause-at-epoch`` file (the run's, else the job's) holds rank 0 once at
+    that epoch until the run's ``resume`` appears, so a test can take a node away or stop the
+    job while the run is provably mid-flight."""
     d = _debug_dir(name)
-    if d is None or rank != 0 or not (d / "pause-at-epoch").is_file():
+    if d is None or rank != 0:
         return
+    pause = next((f for f in (d / "pause-at-epoch", d.parent / "pause-at-epoch") if f.is_file()), None)
     marker = d / f"paused-at-epoch-{epoch}"
-    if int((d / "pause-at-epoch").read_text().strip()) != epoch or marker.exists():
+    if pause is None or int(pause.read_text().strip()) != epoch or marker.exists():
         return
+    d.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(os.getpid()))
     deadline = time.time() + timeout_s
     while not (d / "resume").exists() and time.time() < deadline:

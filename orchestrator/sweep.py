@@ -43,10 +43,25 @@ def _trial(config: dict[str, Any], base: dict[str, Any], sweep: str, parent_run_
     trial_id = ray.tune.get_context().get_trial_id()
     overrides = list(config["overrides"].items())
     cfg = from_dict(apply_overrides(copy.deepcopy(base), overrides))
-    run_training(
-        cfg, f"{sweep}-{trial_id}", kind="train", parent_run_id=parent_run_id, key=f"{sweep}/{trial_id}",
+    key = f"{sweep}/{trial_id}"
+    c = tracking.client()
+    before = _epochs_logged(c, cfg.experiment, key, parent_run_id)
+    outcome = run_training(
+        cfg, f"{sweep}-{trial_id}", kind="train", parent_run_id=parent_run_id, key=key,
         in_tune=True, log_model=config.get("log_model", True), wait_for_nodes=wait_for_nodes,
     )
+    done = _epochs_logged(c, cfg.experiment, key, parent_run_id)
+    if done == before:
+        # Every epoch was trained before this restart (the driver died after the trial finished,
+        # before Tune recorded it): no epoch reported to Tune from this run, and Tune's own
+        # metric-less final result fails the sweep ("did not include the specified metric").
+        # Report the run's last epoch, as its training did.
+        ray.tune.report({**c.get_run(outcome.run_id).data.metrics, "epoch": done})
+
+
+def _epochs_logged(c: Any, experiment: str, key: str, parent_run_id: str) -> int:
+    run = tracking.find_run(c, tracking.experiment_id(c, experiment), key, parent_run_id)
+    return 0 if run is None else len(c.get_metric_history(run.info.run_id, "train/loss"))
 
 
 def make_tuner(cfg: Any, name: str, space: dict[str, Any], *, samples: int, scheduler: str, search: str,
@@ -66,10 +81,9 @@ def make_tuner(cfg: Any, name: str, space: dict[str, Any], *, samples: int, sche
     t = cfg.tune
     sched = None
     if scheduler == "asha":
-        sched = tune.schedulers.ASHAScheduler(
-            time_attr="training_iteration", grace_period=t.grace_period, reduction_factor=t.reduction_factor,
-            max_t=cfg.train.epochs,
-        )
+        from orchestrator.asha import EpochASHA
+
+        sched = EpochASHA(epochs=cfg.train.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor)
     alg = None
     if search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -92,7 +106,7 @@ def results_table(grid: Any, metric: str) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"trial_id": (r.metrics or {}).get("trial_id", Path(r.path).name if r.path else "")}
         row.update({k: v for k, v in (r.config or {}).get("overrides", {}).items()})
         m = r.metrics or {}
-        for k in (metric, "val/clean_acc", "val/pgd_acc", "train/loss", "training_iteration", "time/epoch_s"):
+        for k in (metric, "val/clean_acc", "val/pgd_acc", "train/loss", "epoch", "time/epoch_s"):
             if k in m:
                 row[k] = m[k]
         row["error"] = "" if r.error is None else type(r.error).__name__
@@ -193,7 +207,8 @@ def _finish_children(c: Any, cfg: Any, parent: str, sweep: str, rows: list[dict[
             if tracking.ERROR_TAG not in run.data.tags:
                 c.set_tag(run.info.run_id, tracking.ERROR_TAG, row["error"])
             continue
-        if row.get("training_iteration", cfg.train.epochs) < cfg.train.epochs:
+        # the epoch it reached (its own count: Free-AT divides epochs by its replays)
+        if row.get("epoch", cfg.train.epochs) < epochs_from_params(run, cfg.train.epochs):
             c.set_tag(run.info.run_id, "sprout.early_stopped", "true")
         if run.info.status != "FINISHED":
             c.set_terminated(run.info.run_id, status="FINISHED")

@@ -894,11 +894,6 @@ def _children(c, experiment: str, parent_key: str) -> tuple[object, list]:
     return parents[0], kids
 
 
-def _checkpointed(rr: Path, kids: list) -> dict[str, int]:
-    """Per child run name: the epoch its Ray Train run would resume from."""
-    return {k.info.run_name: _latest_ckpt_epoch(rr / k.info.run_name) for k in kids}
-
-
 def _stop_with(sig: signal.Signals, to_group: bool, cmd: list[str], env: dict, cwd: Path, err_path: Path,
                ready) -> int:
     """Start ``cmd``, wait until ``ready()`` holds, send ``sig``; the exit code."""
@@ -921,66 +916,6 @@ def _stop_with(sig: signal.Signals, to_group: bool, cmd: list[str], env: dict, c
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=60)
             _reap_group(proc.pid)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_ctrl_c_stops_sprout_sweep_marks_killed_exit_130_and_rerun_resumes(tmp_path) -> None:
-    """``sprout sweep`` (4 trials of 3 epochs, 2 at a time): Ctrl-C to the process group, then a
-    re-run that finishes. Ray Tune alone would swallow the first Ctrl-C and return as if done
-    (parent FINISHED, exit 0, unfinished trials closed). SIGTERM takes the same path through
-    ``fit_tuner`` (one handler forwards it to Tune's SIGINT stop); the compare test sends it to
-    a Tune phase for real."""
-    import ray
-
-    ray.shutdown()
-    epochs, name, exp = 3, "sweep-graceful", "test-reliability-sweep"
-    store, debug, rr = tmp_path / "mlflow.db", tmp_path / "debug", tmp_path / "rr"
-    env = _train_env(f"sqlite:///{store}", debug)
-    sets = [f"storage.path={rr}", f"experiment={exp}", f"train.epochs={epochs}", "eval.attacks=[]",
-            "train.val_pgd_steps=2", "train.checkpoint_keep=10", "tune.max_concurrent_trials=2",
-            "tune.scheduler=fifo", *SLOW_DATA]
-    cmd = [PY, "-m", "orchestrator", "sweep", str(DIGITS), "--space", "sensitivity_small", "--name", name,
-           *[a for s in sets for a in ("--set", s)]]
-    c = tracking.client(f"sqlite:///{store}")
-    done_before = 0
-    pids: dict[str, dict[str, int]] = {}
-    for sig, to_group in ((signal.SIGINT, True),):
-        def progressed(floor: int = done_before) -> bool:
-            _, kids = _children(c, exp, name)
-            return sum(_checkpointed(rr, kids).values()) > floor
-
-        code = _stop_with(sig, to_group, cmd, env, tmp_path, tmp_path / f"{sig.name}.err", progressed)
-        stderr = (tmp_path / f"{sig.name}.err").read_text()
-        assert code == 130, (sig.name, stderr[-3000:])
-        assert "re-run the same command to resume" in stderr
-        parent, kids = _children(c, exp, name)
-        assert parent.info.status == "KILLED"
-        assert kids and {k.info.status for k in kids} <= {"KILLED", "FINISHED"}, [k.info.status for k in kids]
-        assert "KILLED" in {k.info.status for k in kids}
-        assert not any(tracking.ERROR_TAG in c.get_run(k.info.run_id).data.tags for k in kids)
-        ckpt = _checkpointed(rr, kids)
-        assert sum(ckpt.values()) > done_before
-        done_before = sum(ckpt.values())
-        for k in kids:
-            steps = _steps(c, k.info.run_id, "train/loss")
-            assert steps == list(range(1, len(steps) + 1)) and len(steps) >= ckpt[k.info.run_name], (sig.name, steps)
-        pids[sig.name] = {k.info.run_name: {e: _record_pid(debug / k.info.run_name, e)
-                                            for e in range(ckpt[k.info.run_name])} for k in kids}
-
-    rerun = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    parent, kids = _children(c, exp, name)
-    assert len(_runs_with_key(c, exp, name)) == 1 and parent.info.status == "FINISHED"
-    assert len(kids) == 4 and len({k.data.tags[tracking.RUN_KEY] for k in kids}) == 4
-    assert all(k.info.status == "FINISHED" for k in kids), [k.info.status for k in kids]
-    for k in kids:
-        assert _steps(c, k.info.run_id, "train/loss") == list(range(1, epochs + 1)), k.info.run_name
-    # Epochs checkpointed before each stop kept the process that trained them: resumed, not redone.
-    for stop in pids.values():
-        for run_name, by_epoch in stop.items():
-            for e, pid in by_epoch.items():
-                assert _record_pid(debug / run_name, e) == pid, f"{run_name} epoch {e + 1} was trained again"
 
 
 @pytest.mark.ray

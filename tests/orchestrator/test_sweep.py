@@ -1,4 +1,4 @@
-"""``sprout sweep`` on a real local Ray + MLflow: ASHA, resume after a killed driver (issue 5)."""
+"""``sprout sweep`` on a real local Ray + MLflow: ASHA, resume after Ctrl-C and after a killed driver (issue 5)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from orchestrator.sweep import max_concurrent
 from search_spaces import SPACES, SearchSpaceError, load_space
 from search_spaces.registry import check_keys
 from tests.conftest import DIGITS, digits_cfg
-from tests.orchestrator.test_reliability import _latest_ckpt_epoch, _reap_group
+from tests.orchestrator.test_reliability import _latest_ckpt_epoch, _reap_group, _stop_with
 
 SWEEP_SETS = ["train.epochs=4", "tune.max_concurrent_trials=2", "tune.scheduler=asha", "tune.grace_period=1",
               "tune.reduction_factor=2", "eval.attacks=[]", "train.checkpoint_keep=10", "experiment=test-sweep"]
@@ -94,60 +94,120 @@ def _records(debug) -> dict[str, tuple[int, int]]:
     return {p.name: (json.loads(p.read_text())["pid"], p.stat().st_mtime_ns) for p in debug.glob("worker-*-epoch-*.json")}
 
 
+def _children(c, parent_key: str) -> tuple[object, list]:
+    exp = c.get_experiment_by_name("test-sweep")
+    if exp is None:
+        return None, []
+    parents = c.search_runs([exp.experiment_id], filter_string=f"tags.`sprout.run_key` = '{parent_key}'")
+    if not parents:
+        return None, []
+    kids = c.search_runs([exp.experiment_id], max_results=100,
+                         filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    return parents[0], kids
+
+
+def _kept_pids(c, debug, rr, kids) -> dict[str, dict[int, int]]:
+    """Per trial run: the pid that trained each epoch up to the checkpoint Ray would resume from."""
+    return {k.info.run_name: {e: json.loads((debug / k.info.run_name / f"worker-0-epoch-{e}.json").read_text())["pid"]
+                              for e in range(_latest_ckpt_epoch(rr / k.info.run_name))} for k in kids}
+
+
+def _until(proc: subprocess.Popen, ready, what: str, timeout_s: float = 600) -> None:
+    deadline = time.time() + timeout_s
+    while not ready():
+        assert proc.poll() is None, f"the sweep exited ({proc.returncode}) before {what}"
+        if not (time.time() < deadline):
+            pytest.fail(f"not {what} in time")
+        time.sleep(0.25)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sweep_asha_resume_after_killed_driver(tmp_path, mlflow_uri) -> None:
-    """4 trials, 2 at a time, ASHA; the driver is SIGKILLed mid-way and the sweep re-run.
+def test_sweep_ctrl_c_then_killed_driver_then_rerun_resumes_every_trial(tmp_path, mlflow_uri) -> None:
+    """``sprout sweep`` (4 trials of 4 epochs, 2 at a time, ASHA) stopped twice, then finished.
 
-    Both halves run as real ``sprout sweep`` processes, each with its own local Ray; the
-    test process holds no Ray instance meanwhile (one instance at a time, as on a laptop).
+    1. Ctrl-C (SIGINT to the process group, as a terminal sends it) while the running trials are
+       held at the start of epoch 2 (the job-wide drill hook): exit 130, parent and started
+       trials ``KILLED``. Ray Tune alone would swallow the first Ctrl-C and return as if done
+       (parent FINISHED, exit 0); SIGTERM takes the same ``fit_tuner`` path (the compare test
+       sends it to a Tune phase for real).
+    2. The same command, ``SIGKILL``ed (process group) once one more trial has finished.
+    3. The same command again: it finishes, and nothing checkpointed before either stop, nor the
+       finished trial, was trained again (per-epoch worker pid records).
+    Each run is a real ``sprout sweep`` process with its own local Ray; the test process holds
+    no Ray instance meanwhile (one instance at a time, as on a laptop).
     """
     import csv
 
     import ray
 
     ray.shutdown()
-    sets = [*SWEEP_SETS, f"storage.path={tmp_path / 'rr'}"]
+    rr, debug = tmp_path / "rr", tmp_path / "debug"
+    sets = [*SWEEP_SETS, f"storage.path={rr}", "train.val_pgd_steps=2"]
     cmd = [sys.executable, "-m", "orchestrator", "sweep", str(DIGITS), "--space", "sensitivity_small",
            "--name", "sweep-kill", *[a for s in sets for a in ("--set", s)]]
-    debug = tmp_path / "debug"
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri, SPROUT_DEBUG_DIR=str(debug))
     env.pop("RAY_ADDRESS", None)
+    c = tracking.client(mlflow_uri)
+    debug.mkdir()
+    (debug / "pause-at-epoch").write_text("1")  # every trial holds once, after its first checkpoint
+
+    # 1. Ctrl-C once a trial is held with its first epoch checkpointed
+    def held() -> bool:
+        _, kids = _children(c, "sweep-kill")
+        return any((debug / k.info.run_name / "paused-at-epoch-1").exists()
+                   and _latest_ckpt_epoch(rr / k.info.run_name) >= 1 for k in kids)
+
+    err_path = tmp_path / "int.err"
+    code = _stop_with(signal.SIGINT, True, cmd, env, tmp_path, err_path, held)
+    stderr = err_path.read_text()
+    assert code == 130, stderr[-3000:]
+    assert "re-run the same command to resume" in stderr
+    parent, kids = _children(c, "sweep-kill")
+    assert parent.info.status == "KILLED"
+    assert kids and {k.info.status for k in kids} <= {"KILLED", "FINISHED"}, [k.info.status for k in kids]
+    assert "KILLED" in {k.info.status for k in kids}  # the held trial, at least
+    assert not any(tracking.ERROR_TAG in k.data.tags for k in kids)
+    for k in kids:
+        steps = _steps(c, k.info.run_id, "train/loss")
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= _latest_ckpt_epoch(rr / k.info.run_name)
+    kept = {"Ctrl-C": _kept_pids(c, debug, rr, kids)}
+    assert sum(len(v) for v in kept["Ctrl-C"].values()) >= 1
+    finished_before = {k.info.run_id for k in kids if k.info.status == "FINISHED"}
+
+    # 2. the re-run, SIGKILLed as soon as one more trial has finished
+    newly_finished: list = []
+
+    def one_more_finished() -> bool:
+        _, now = _children(c, "sweep-kill")
+        newly_finished[:] = [k for k in now if k.info.status == "FINISHED" and k.info.run_id not in finished_before]
+        return bool(newly_finished)
+
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, cwd=tmp_path)
-    c = tracking.client(mlflow_uri)
-    deadline = time.time() + 600
-    finished: list = []
     try:
-        while not finished:
-            assert proc.poll() is None, "the sweep ended before it could be interrupted"
-            if not (time.time() < deadline):
-                pytest.fail("no trial finished in time")
-            exp = c.get_experiment_by_name("test-sweep")
-            if exp is not None:
-                finished = c.search_runs([exp.experiment_id], filter_string=(
-                    "tags.`sprout.run_key` LIKE 'sweep-kill/%' and attributes.status = 'FINISHED'"))
-            time.sleep(1.0)
+        _until(proc, one_more_finished, "one more trial finished")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
         _reap_group(proc.pid)
-    done_key = finished[0].data.tags["sprout.run_key"]
-    done_steps = [m.step for m in c.get_metric_history(finished[0].info.run_id, "train/loss")]
-    done_records = _records(debug / finished[0].info.run_name)
+    done = newly_finished[0]
+    done_key = done.data.tags["sprout.run_key"]
+    done_steps = _steps(c, done.info.run_id, "train/loss")
+    done_records = _records(debug / done.info.run_name)
     # (a trial ASHA stops has begun its next epoch, and recorded it, when the stop reaches it)
     assert {f"worker-0-epoch-{e}.json" for e in range(len(done_steps))} <= set(done_records), done_records
-    # every trial's epochs up to the checkpoint Ray registered before the kill, with their pids
-    started = c.search_runs([c.get_experiment_by_name("test-sweep").experiment_id],
-                            filter_string="tags.`sprout.run_key` LIKE 'sweep-kill/%'")
-    kept = {r.info.run_name: {e: json.loads((debug / r.info.run_name / f"worker-0-epoch-{e}.json").read_text())["pid"]
-                              for e in range(_latest_ckpt_epoch(tmp_path / "rr" / r.info.run_name))} for r in started}
+    _, kids = _children(c, "sweep-kill")
+    kept["SIGKILL"] = _kept_pids(c, debug, rr, kids)
 
+    # 3. the re-run that finishes (no hold: a trial that never started must not wait)
+    (debug / "pause-at-epoch").unlink()
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=1200)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     exp = c.get_experiment_by_name("test-sweep")
     parents = c.search_runs([exp.experiment_id], filter_string="tags.`sprout.run_key` = 'sweep-kill'")
     assert len(parents) == 1 and parents[0].data.tags["sprout_kind"] == "sweep"
+    assert parents[0].info.status == "FINISHED"
     parent = parents[0].info.run_id
     children = c.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     keys = [r.data.tags["sprout.run_key"] for r in children]
@@ -156,17 +216,19 @@ def test_sweep_asha_resume_after_killed_driver(tmp_path, mlflow_uri) -> None:
     assert swept == {("0.01", "0.2"), ("0.01", "1.0"), ("0.1", "0.2"), ("0.1", "1.0")}
     # the trial that had finished before the kill was not trained again
     again = next(r for r in children if r.data.tags["sprout.run_key"] == done_key)
-    assert [m.step for m in c.get_metric_history(again.info.run_id, "train/loss")] == done_steps
+    assert _steps(c, again.info.run_id, "train/loss") == done_steps
     assert _records(debug / again.info.run_name) == done_records, "the finished trial was trained again"
-    for run_name, by_epoch in kept.items():  # the interrupted trials resumed from their checkpoints
-        for e, pid in by_epoch.items():
-            rec = json.loads((debug / run_name / f"worker-0-epoch-{e}.json").read_text())
-            assert rec["pid"] == pid, f"{run_name}: epoch {e + 1} was trained again"
-    assert all(r.info.status == "FINISHED" for r in children)
+    # epochs checkpointed before each stop kept the process that trained them: resumed, not redone
+    for stop, by_trial in kept.items():
+        for run_name, by_epoch in by_trial.items():
+            for e, pid in by_epoch.items():
+                rec = json.loads((debug / run_name / f"worker-0-epoch-{e}.json").read_text())
+                assert rec["pid"] == pid, f"{run_name}: epoch {e + 1}, checkpointed before the {stop}, was trained again"
+    assert all(r.info.status == "FINISHED" for r in children), [r.info.status for r in children]
     table = c.download_artifacts(parent, "report/sweep_results.csv", str(tmp_path))
     rows = list(csv.DictReader(open(table)))
     assert len(rows) == 4
-    iters = {r["trial_id"]: int(float(r["training_iteration"] or 0)) for r in rows}
+    iters = {r["trial_id"]: int(float(r["epoch"] or 0)) for r in rows}
     # ASHA (grace 1, reduction 2, max 4 epochs) stops a trial only at a rung (epoch 1 or 2), and
     # only below the median of those that reached the rung before it: never the best at a rung.
     # Whether it stops any depends on the order results arrive, so that is not asserted.
@@ -186,6 +248,13 @@ def test_sweep_asha_resume_after_killed_driver(tmp_path, mlflow_uri) -> None:
             assert at_rung[trial] < max(at_rung.values()), f"ASHA stopped the best trial at epoch {it}: {at_rung}"
     # a trial ASHA stopped is not a failure: no error recorded on its run
     assert not any(tracking.ERROR_TAG in r.data.tags for r in children)
+    # a trial that trained all 4 epochs ended itself (Tune's STOP at max_t killed it first):
+    # its final model, total time and selected checkpoint are logged
+    for trial, it in iters.items():
+        if it == 4:
+            run = c.get_run(by_trial[trial].info.run_id)
+            assert run.data.tags.get("sprout.model_logged") == "true", trial
+            assert "time/train_total_s" in run.data.metrics and "sprout.selected_checkpoint" in run.data.tags, trial
     plots = {a.path for a in c.list_artifacts(parent, "plots")}
     assert any("sensitivity" in p for p in plots)
     assert "best.sprout.dirichlet_alpha" in c.get_run(parent).data.params
@@ -202,6 +271,34 @@ def _at(c, run_id: str, key: str, step: int) -> float:
     return {m.step: m.value for m in c.get_metric_history(run_id, key)}[step]
 
 
+def test_asha_stops_below_the_median_at_a_rung_by_epoch_but_never_a_trial_at_its_last_epoch() -> None:
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from orchestrator.asha import EpochASHA
+
+    s = EpochASHA(epochs=4, grace_period=1, reduction_factor=2)
+    assert s.set_search_properties(METRIC, "max")
+    a, b, resumed = (SimpleNamespace(trial_id=t) for t in ("a", "b", "resumed"))
+    for t in (a, b, resumed):
+        s.on_trial_add(None, t)
+
+    def result(epoch: int, acc: float, iteration: int | None = None) -> dict:
+        return {"epoch": epoch, METRIC: acc, "training_iteration": iteration or epoch}
+
+    assert s.on_trial_result(None, a, result(1, 0.9)) == TrialScheduler.CONTINUE  # first at rung 1
+    assert s.on_trial_result(None, b, result(1, 0.1)) == TrialScheduler.STOP  # below the median there
+    assert s.on_trial_result(None, a, result(2, 0.9)) == TrialScheduler.CONTINUE
+    # a trial resumed after a killed driver: its first result since the restart is Tune's
+    # iteration 1, but it is epoch 2 and is judged at rung 2 (below 0.9: stopped; at rung 1
+    # it would be above the median of 0.9 and 0.1, and go on)
+    assert s.on_trial_result(None, resumed, result(2, 0.6, iteration=1)) == TrialScheduler.STOP
+    # the last epoch (max_t) ends the trial itself: Tune's STOP there would kill it before it
+    # logs its final model
+    assert s.on_trial_result(None, a, result(4, 0.9)) == TrialScheduler.CONTINUE
+
+
 def test_asha_scheduler_is_built_from_the_tune_section(tmp_path) -> None:
     from ray.tune.schedulers import AsyncHyperBandScheduler
 
@@ -214,6 +311,7 @@ def test_asha_scheduler_is_built_from_the_tune_section(tmp_path) -> None:
     tc = tuner._local_tuner._tune_config
     assert isinstance(tc.scheduler, AsyncHyperBandScheduler)
     assert [m for m, _ in tc.scheduler._brackets[0]._rungs] == [4, 2, 1]  # rungs at epochs 1, 2 and 4
+    assert tc.scheduler._time_attr == "epoch"  # the trained epoch: Tune's result count restarts on resume
     assert (tc.metric, tc.mode, tc.max_concurrent_trials) == (METRIC, "max", 2)
     fifo = make_tuner(cfg, "fifo-unit", {}, samples=1, scheduler="fifo", search="random", parent_run_id="p",
                       concurrency=1)
