@@ -773,57 +773,10 @@ def test_final_model_that_cannot_be_logged_fails_the_run_and_keeps_its_checkpoin
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_train_driver_sigkilled_then_rerun_finishes_from_its_last_checkpoint(tmp_path) -> None:
-    """SIGKILL the whole ``sprout train`` process group after 2 epochs; the same command resumes."""
-    import ray
-
-    ray.shutdown()  # one Ray instance at a time: the subprocess starts its own
-    epochs, name, exp = 4, "driver-kill", "test-reliability-proc"
-    store = tmp_path / "mlflow.db"
-    debug = tmp_path / "debug"
-    secret = f"s3cr3t-{uuid.uuid4().hex}"
-    env = _train_env(f"sqlite:///{store}", debug, SPROUT_TEST_SECRET=secret)
-    cmd = _train_cmd(name, [f"storage.path={tmp_path / 'rr'}", f"experiment={exp}", f"train.epochs={epochs}",
-                            "eval.attacks=[]", "train.val_pgd_steps=2", "train.checkpoint_keep=10"])
-    c = tracking.client(f"sqlite:///{store}")
-    (debug / name).mkdir(parents=True)
-    (debug / name / "pause-at-epoch").write_text("2")  # rank 0 holds after 2 epochs: the kill lands mid-run
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        run_id = _wait_for_epochs(proc, c, exp, name, 2, tmp_path / "rr" / name)
-        first_pid = _record_pid(debug / name, 0)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        _reap_group(proc.pid)
-    before = _steps(c, run_id, "train/loss")
-    resume_from = _latest_ckpt_epoch(tmp_path / "rr" / name)
-    assert 2 <= len(before) < epochs and before == list(range(1, len(before) + 1)), before
-    assert c.get_run(run_id).info.status == "RUNNING"  # a SIGKILL leaves no chance to mark it
-    assert (debug / name / "paused-at-epoch-2").exists()
-
-    rerun = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "(resumed)" in rerun.stdout
-    runs = _runs_with_key(c, exp, name)
-    assert len(runs) == 1 and runs[0].info.run_id == run_id
-    run = c.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    for key in PER_EPOCH:
-        assert _steps(c, run_id, key) == list(range(1, epochs + 1)), key  # none lost, none twice
-    # epochs before the last checkpoint were not trained again; the later ones ran in the re-run
-    for e in range(resume_from):
-        assert _record_pid(debug / name, e) == first_pid, f"epoch {e + 1} was trained again"
-    assert all(_record_pid(debug / name, e) != first_pid for e in range(resume_from, epochs))
-    _assert_secret_never_logged(store, tmp_path / "mlartifacts", run, secret)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_sigterm_and_ctrl_c_stop_sprout_train_mark_killed_exit_130_and_rerun_resumes(tmp_path) -> None:
+def test_sigterm_ctrl_c_and_sigkill_stop_sprout_train_and_each_rerun_resumes(tmp_path) -> None:
     """SIGTERM to the driver (``kill PID``, preemption), then Ctrl-C (SIGINT to the whole process
-    group, as a terminal sends it) to the resumed run; a third run finishes."""
+    group, as a terminal sends it) to the resumed run, then SIGKILL of the whole process group
+    (``kill -9``, the OOM killer: no handler runs) to the next; the same command then finishes."""
     import ray
 
     ray.shutdown()
@@ -831,7 +784,8 @@ def test_sigterm_and_ctrl_c_stop_sprout_train_mark_killed_exit_130_and_rerun_res
     store = tmp_path / "mlflow.db"
     debug = tmp_path / "debug"
     run_dir = tmp_path / "rr" / name
-    env = _train_env(f"sqlite:///{store}", debug)
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    env = _train_env(f"sqlite:///{store}", debug, SPROUT_TEST_SECRET=secret)
     # digits epochs take a fraction of a second: the drill hook below, not slow data, keeps each signal mid-run
     cmd = _train_cmd(name, [f"storage.path={tmp_path / 'rr'}", f"experiment={exp}", f"train.epochs={epochs}",
                             "eval.attacks=[]", "train.val_pgd_steps=2", "train.checkpoint_keep=10"])
@@ -869,19 +823,42 @@ def test_sigterm_and_ctrl_c_stop_sprout_train_mark_killed_exit_130_and_rerun_res
     resumed_at = min(len(pids["SIGTERM"]), len(pids["SIGINT"]))
     assert resumed_at >= 1 and all(pids["SIGINT"][e] == pids["SIGTERM"][e] for e in range(resumed_at))
 
+    # SIGKILL of the whole process group once one more epoch is checkpointed
+    (debug / name / "pause-at-epoch").write_text(str(logged + 1))
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _wait_for_epochs(proc, c, exp, name, logged + 1, run_dir)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        _reap_group(proc.pid)
+    before = _steps(c, run_id, "train/loss")
+    assert before == list(range(1, logged + 2)), before
+    assert c.get_run(run_id).info.status == "RUNNING"  # a SIGKILL leaves no chance to mark it
+    assert (debug / name / f"paused-at-epoch-{logged + 1}").exists()
+    pids["SIGKILL"] = {e: _record_pid(debug / name, e) for e in range(_latest_ckpt_epoch(run_dir))}
+    assert len(pids["SIGKILL"]) == logged + 1 < epochs
+    assert all(pids["SIGKILL"][e] == pid for e, pid in pids["SIGINT"].items())
+
     (debug / name / "pause-at-epoch").unlink()
     rerun = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "(resumed)" in rerun.stdout
     runs = _runs_with_key(c, exp, name)
     assert len(runs) == 1 and runs[0].info.run_id == run_id
-    assert c.get_run(run_id).info.status == "FINISHED"
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
     for key in PER_EPOCH:
-        assert _steps(c, run_id, key) == list(range(1, epochs + 1)), key
+        assert _steps(c, run_id, key) == list(range(1, epochs + 1)), key  # none lost, none twice
     last = _latest_ckpt_epoch(run_dir)
     assert last == epochs
-    for e, pid in pids["SIGINT"].items():
-        assert _record_pid(debug / name, e) == pid, f"epoch {e + 1} was trained again after Ctrl-C"
+    # the epochs checkpointed before the SIGKILL were not trained again; the later ones ran in the re-run
+    for e, pid in pids["SIGKILL"].items():
+        assert _record_pid(debug / name, e) == pid, f"epoch {e + 1} was trained again after the SIGKILL"
+    earlier = {pid for leg in pids.values() for pid in leg.values()}
+    assert all(_record_pid(debug / name, e) not in earlier for e in range(len(pids["SIGKILL"]), epochs))
+    _assert_secret_never_logged(store, tmp_path / "mlartifacts", run, secret)
 
 
 def _children(c, experiment: str, parent_key: str) -> tuple[object, list]:
