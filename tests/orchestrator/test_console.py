@@ -1,7 +1,7 @@
 """What a user sees from `sprout train` (issue 15): a few lines of our own, one per epoch, the
 log file's path, and everything Ray and the workers print in that log file. Real
 subprocesses: without a terminal, a failing run, and under a real pseudo-terminal (tmux) whose
-screen is captured; --verbose is checked by the S3 worker-kill run (test_s3_storage.py).
+screen is captured; --verbose is checked by the S3 resumed run (test_s3_storage.py's ``s3_resumed_run``).
 """
 
 from __future__ import annotations
