@@ -13,6 +13,7 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 EPOCH = "epoch"  # the 1-based trained epoch every report carries (orchestrator/ray_train.py)
+EPOCHS = "epochs"  # and the run's own epoch count (Free-AT: train.epochs divided by its replays)
 
 
 class EpochASHA(ASHAScheduler):
@@ -26,6 +27,6 @@ class EpochASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)  # records the rung either way
-        if action == TrialScheduler.STOP and result.get(EPOCH, 0) >= self.epochs:
+        if action == TrialScheduler.STOP and result.get(EPOCH, 0) >= result.get(EPOCHS, self.epochs):
             return TrialScheduler.CONTINUE  # trained to the end: let it log its model and finish
         return action

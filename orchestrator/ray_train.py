@@ -190,10 +190,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["time/epoch_s"] = time.perf_counter() - t0
         metrics["time/samples_per_s"] = total.count / metrics["time/epoch_s"]
         metrics.update(evaluate_val(cfg, model, run, device, _all_reduce_sum, opts))
-        metrics["epoch"] = epoch + 1
+        # for Tune's scheduler, not MLflow: the trained epoch, and this run's own epoch count
+        # (Free-AT's is train.epochs divided by its replays), so ASHA never stops a trial at its last
+        metrics["epoch"], metrics["epochs"] = epoch + 1, run.epochs
         if rank == 0:
             if logger is not None:
-                logger.log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
+                logger.log({k: v for k, v in metrics.items() if k not in ("epoch", "epochs")}, step=epoch + 1)
         if rank == 0 and checkpoint_due(epoch, run.epochs, cfg.train.checkpoint_every):
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, training_state(model, run.optimizer, run.method, epoch, world_size=world))

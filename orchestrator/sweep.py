@@ -56,7 +56,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], sweep: str, parent_run_
         # before Tune recorded it): no epoch reported to Tune from this run, and Tune's own
         # metric-less final result fails the sweep ("did not include the specified metric").
         # Report the run's last epoch, as its training did.
-        ray.tune.report({**c.get_run(outcome.run_id).data.metrics, "epoch": done})
+        ray.tune.report({**c.get_run(outcome.run_id).data.metrics, "epoch": done, "epochs": done})
 
 
 def _epochs_logged(c: Any, experiment: str, key: str, parent_run_id: str) -> int:

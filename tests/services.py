@@ -24,6 +24,33 @@ BIN = Path(sys.executable).parent
 WEED = BIN / "weed"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 S3_KEY, S3_SECRET, S3_REGION = "sprout-test-key", "sprout-test-secret-0123456789", "us-east-1"
+# How sprout starts every MLflow server (cluster/aws.yaml, gcp.yaml, kuberay/mlflow.yaml, `make ui`):
+# without MLflow 3's job executor, whose 8 processes sprout never uses. The tests start theirs the same way.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+MLFLOW_JOB_PROCESSES = ("huey_consumer", "mlflow.server.jobs")  # what the job executor runs
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The processes in process group ``pgid`` (``/proc``)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                out.append(int(d.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def group_cmdlines(pgid: int) -> list[str]:
+    """The command lines of the live processes in process group ``pgid`` (zombies have none)."""
+    out = []
+    for pid in group_pids(pgid):
+        try:
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip())
+        except OSError:
+            continue
+    return [c for c in out if c]
 
 
 def free_port() -> int:
@@ -306,7 +333,7 @@ class MlflowServer:
             f"admin_password = {self.admin_password}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         )
-        env = dict(os.environ, **self.s3_env, MLFLOW_AUTH_CONFIG_PATH=str(auth_ini),
+        env = dict(os.environ, **self.s3_env, **MLFLOW_SERVER_ENV, MLFLOW_AUTH_CONFIG_PATH=str(auth_ini),
                    MLFLOW_FLASK_SERVER_SECRET_KEY="sprout-test-flask-secret")
         for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             env.pop(k, None)

@@ -702,6 +702,8 @@ def test_mlflow_runs_on_postgresql_with_proxied_artifacts_and_basic_auth():
     assert "--serve-artifacts" in args and '--artifacts-destination "$ARTIFACTS_DESTINATION"' in args
     assert env["ARTIFACTS_DESTINATION"]["value"].startswith("s3://"), "artifacts go to the bucket, proxied"
     assert '--backend-store-uri "$BACKEND_STORE_URI"' in args
+    # as the launchers' head command (run by test_mlflow_server.py): MLflow 3's job executor off
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"
     backend = env["BACKEND_STORE_URI"]["value"]
     # The backend and the auth store: PostgreSQL, with no password in the URI (PGPASSWORD).
     config = configparser.ConfigParser()

@@ -24,6 +24,7 @@ from orchestrator import tracking
 from orchestrator.compare import DEFAULT_METHODS, parse_methods, variant_overrides
 from orchestrator.config import ConfigError, load_config
 from tests.conftest import DIGITS
+from tests.services import MLFLOW_SERVER_ENV
 
 METHODS = sorted(DEFAULT_METHODS)
 DEMO_EXAMPLES = 40  # test examples per model (the demo evaluates 100; the lines do not depend on it)
@@ -182,6 +183,7 @@ def test_mlflow_ui_shows_the_comparison_in_a_real_browser(comparison, session_di
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", uri,
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, **MLFLOW_SERVER_ENV},
     )
     base = f"http://127.0.0.1:{port}"
     try:

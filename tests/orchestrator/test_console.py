@@ -1,7 +1,9 @@
 """What a user sees from `sprout train` (issue 15): a few lines of our own, one per epoch, the
 log file's path, and everything Ray and the workers print in that log file. Real
-subprocesses: without a terminal, a failing run, and under a real pseudo-terminal (tmux) whose
-screen is captured; --verbose is checked by the S3 resumed run (test_s3_storage.py's ``s3_resumed_run``).
+subprocesses: a run whose loss turns NaN, and under a real pseudo-terminal (tmux) whose screen is captured.
+Checked on runs other tests make anyway: a finished run without a terminal on the production
+server's run (test_mlflow_server.py), --verbose on the S3 resumed run (test_s3_storage.py's
+``s3_resumed_run``).
 """
 
 from __future__ import annotations
@@ -48,37 +50,53 @@ def _log_path(text: str) -> Path:
     return Path(m.group(1))
 
 
-def test_train_without_a_terminal_prints_a_few_lines_and_logs_the_rest(tmp_path) -> None:
-    out = _run(_cmd("quiet", tmp_path, "train.epochs=2"), tmp_path)
-    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
-    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
-    assert len(lines) <= 15, lines
-    assert [line for line in lines if " epoch " in line] == [
-        line for line in lines if re.match(r"quiet: epoch [12]/2  loss \d\.\d{4}  val clean \d\.\d{3}  pgd", line)]
-    assert sum(" epoch 1/2 " in line for line in lines) == 1 and sum(" epoch 2/2 " in line for line in lines) == 1
-    assert not [line for line in lines if any(n in line for n in NOISE)], lines
-    assert any(line.startswith("MLflow run: http://127.0.0.1:5000/#/experiments/") for line in lines)
-    log = _log_path(out.stderr)
-    assert log.is_file() and log.is_relative_to(tmp_path / "rr" / "quiet")
-    text = log.read_text()
-    assert "RayTrainWorker" in text and "TrainingReport" in text  # the workers' own lines are in the log
+def test_nan_loss_fails_the_run_naming_epoch_step_and_method_keeps_the_good_checkpoint_and_shows_the_log(
+        tmp_path) -> None:
+    """LR x1e30 after one good epoch: the loss overflows in epoch 2; no Ray retry. A real `sprout
+    train`: exit 1, the workers' own last lines from the log file, then one `sprout:` line."""
+    import json
 
+    import torch
 
-def test_a_failing_run_prints_the_failure_the_workers_last_lines_and_the_log(tmp_path) -> None:
-    out = _run(_cmd("nan", tmp_path, "train.epochs=2", "train.lr=1e12", "method=natural"), tmp_path)
+    from orchestrator import tracking
+    from orchestrator.console import console
+    from trainables.checkpoint import load_checkpoint
+
+    name = "nan"
+    sets = ["method=natural", "train.epochs=2", "train.schedule=step", "train.milestones=[0.5]", "train.gamma=1e30",
+            "train.val_pgd_steps=0", "train.checkpoint_keep=10"]
+    out = subprocess.run(_cmd(name, tmp_path, *sets), env=dict(_env(tmp_path), SPROUT_DEBUG_DIR=str(tmp_path / "debug")),
+                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert out.returncode == 1, out.stderr[-3000:]
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("sprout: train failed: ") and "non-finite" in lines[-1].lower(), lines[-3:]
+    ours = [line for line in lines if line.startswith("sprout:")]
+    assert ours == lines[-1:], lines[-5:]  # one line of ours, the last
+    assert lines[-1].startswith(f"sprout: train failed: RuntimeError: training run '{name}' failed: "
+                                "non-finite loss at epoch 2, step "), lines[-1]
+    assert "(method natural)" in lines[-1] and "the last good checkpoint is kept" in lines[-1], lines[-1]
+    assert int(lines[-1].split("non-finite loss at epoch 2, step ")[1].split()[0]) >= 1
+    # before it: the training processes' own last lines (not Ray's helpers' noise), as the log has them
     log = _log_path(out.stderr)
     assert any(line == f"the workers' last lines in the log {log}:" for line in lines)
     shown = [line[4:] for line in lines if line.startswith("  | ")]
-    # the training processes' own last lines (not Ray's helpers' noise), as the log has them
-    from orchestrator.console import console
-
-    ours = [s[:400] for s in log.read_text().splitlines() if any(m in s for m in console.WORKER_MARKERS)]
-    assert shown and shown == ours[-len(shown):]
+    logged = [s[:400] for s in log.read_text().splitlines() if any(m in s for m in console.WORKER_MARKERS)]
+    assert shown and shown == logged[-len(shown):]
     assert any("(RayTrainWorker" in line for line in shown), shown
     assert not any("PlacementGroupCleaner" in line for line in shown), shown
+
+    c = tracking.client(_env(tmp_path)["MLFLOW_TRACKING_URI"])
+    (run,) = c.search_runs([c.get_experiment_by_name("console").experiment_id],
+                           filter_string=f"tags.`{tracking.RUN_KEY}` = '{name}'")
+    assert run.info.status == "FAILED"
+    assert "non-finite loss at epoch 2" in run.data.tags[tracking.ERROR_TAG]
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")] == [1]  # epoch 2 never logged
+    ckpts = sorted(d for d in (tmp_path / "rr" / name).glob("checkpoint_*") if d.is_dir())
+    assert len(ckpts) == 1, ckpts
+    state = load_checkpoint(ckpts[0])
+    assert state["epoch"] == 0  # the epoch-1 checkpoint, intact and loadable
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    pids = [json.loads((tmp_path / "debug" / name / f"worker-0-epoch-{e}.json").read_text())["pid"] for e in (0, 1)]
+    assert pids[0] == pids[1], "Ray restarted the worker: a NaN was retried"
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")

@@ -8,6 +8,7 @@ variables; the ``sprout`` process gets no bucket credentials at all (proxied art
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import torch
 from orchestrator import tracking
 from tests.conftest import DIGITS
 from tests.orchestrator.conftest import BUCKET
+from tests.orchestrator.test_console import NOISE
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -149,6 +151,29 @@ def test_the_logged_model_loads_through_the_server_and_reproduces_val_accuracy(p
     assert correct / n == pytest.approx(logged, abs=1e-9)
 
 
+def test_without_a_terminal_sprout_train_prints_a_few_lines_and_logs_the_rest(production_run, alice, as_alice) -> None:
+    """What a user sees from `sprout train` (issue 15) with its output captured (no terminal, no
+    --verbose): a few lines of its own, one per epoch, the run's link on this server and the log
+    file's path; Ray's and the workers' own lines are in that log file, not on the console."""
+    out, name = production_run["out"], production_run["name"]
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    assert len(lines) <= 15, lines
+    assert [line for line in lines if " epoch " in line] == [
+        line for line in lines if re.match(rf"{name}: epoch [12]/2  loss \d\.\d{{4}}  val clean \d\.\d{{3}}  pgd", line)]
+    assert sum(" epoch 1/2 " in line for line in lines) == 1 and sum(" epoch 2/2 " in line for line in lines) == 1
+    assert not [line for line in lines if any(n in line for n in NOISE)], lines
+    run = _run(as_alice, production_run)
+    link = f"MLflow run: {alice.uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert link in lines, lines
+    m = re.search(r"^log: (\S+)", out.stderr, re.M)
+    assert m, out.stderr
+    log = Path(m.group(1))
+    assert log.is_file() and log.is_relative_to(production_run["tmp"] / "ray_results" / name)
+    text = log.read_text()
+    assert "RayTrainWorker" in text and "TrainingReport" in text  # the workers' own lines are in the log
+
+
 @pytest.mark.parametrize("creds", ["wrong-password", "none"])
 def test_wrong_or_missing_mlflow_credentials_exit_2_with_one_line_and_start_nothing(alice, tmp_path, creds,
                                                                                     monkeypatch) -> None:
@@ -180,7 +205,7 @@ def test_the_launchers_mlflow_command_runs_on_postgresql_and_the_bucket_named_in
     import psycopg2
     import yaml
 
-    from tests.services import BIN, free_port
+    from tests.services import BIN, MLFLOW_JOB_PROCESSES, free_port, group_cmdlines
 
     _, pg = mlflow_server
     cmds = []
@@ -229,6 +254,10 @@ def test_the_launchers_mlflow_command_runs_on_postgresql_and_the_bucket_named_in
                 pytest.fail(f"the launcher's mlflow server exited:\n{log[-3000:]}")
             assert time.time() < deadline, log[-3000:]
             time.sleep(0.5)
+        # MLflow 3's job executor is off (the command sets it): no job runner or consumer in the group
+        time.sleep(1)
+        jobs = [c for c in group_cmdlines(head.pid) if any(j in c for j in MLFLOW_JOB_PROCESSES)]
+        assert not jobs, jobs
         with pytest.raises(urllib.error.HTTPError) as anonymous:
             urllib.request.urlopen(base + "/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)  # noqa: S310
         assert anonymous.value.code == 401

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -16,7 +15,15 @@ from orchestrator.sweep import max_concurrent
 from search_spaces import SPACES, SearchSpaceError, load_space
 from search_spaces.registry import check_keys
 from tests.conftest import DIGITS, digits_cfg
-from tests.orchestrator.test_reliability import _latest_ckpt_epoch, _reap_group, _stop_with
+from tests.orchestrator.test_reliability import (
+    _children,
+    _latest_ckpt_epoch,
+    _reap_group,
+    _record_pid,
+    _steps,
+    _stop_with,
+    _wait_until,
+)
 
 SWEEP_SETS = ["train.epochs=4", "tune.max_concurrent_trials=2", "tune.scheduler=asha", "tune.grace_period=1",
               "tune.reduction_factor=2", "eval.attacks=[]", "train.checkpoint_keep=10", "experiment=test-sweep"]
@@ -94,31 +101,10 @@ def _records(debug) -> dict[str, tuple[int, int]]:
     return {p.name: (json.loads(p.read_text())["pid"], p.stat().st_mtime_ns) for p in debug.glob("worker-*-epoch-*.json")}
 
 
-def _children(c, parent_key: str) -> tuple[object, list]:
-    exp = c.get_experiment_by_name("test-sweep")
-    if exp is None:
-        return None, []
-    parents = c.search_runs([exp.experiment_id], filter_string=f"tags.`sprout.run_key` = '{parent_key}'")
-    if not parents:
-        return None, []
-    kids = c.search_runs([exp.experiment_id], max_results=100,
-                         filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
-    return parents[0], kids
-
-
-def _kept_pids(c, debug, rr, kids) -> dict[str, dict[int, int]]:
+def _kept_pids(debug, rr, kids) -> dict[str, dict[int, int]]:
     """Per trial run: the pid that trained each epoch up to the checkpoint Ray would resume from."""
-    return {k.info.run_name: {e: json.loads((debug / k.info.run_name / f"worker-0-epoch-{e}.json").read_text())["pid"]
+    return {k.info.run_name: {e: _record_pid(debug / k.info.run_name, e)
                               for e in range(_latest_ckpt_epoch(rr / k.info.run_name))} for k in kids}
-
-
-def _until(proc: subprocess.Popen, ready, what: str, timeout_s: float = 600) -> None:
-    deadline = time.time() + timeout_s
-    while not ready():
-        assert proc.poll() is None, f"the sweep exited ({proc.returncode}) before {what}"
-        if not (time.time() < deadline):
-            pytest.fail(f"not {what} in time")
-        time.sleep(0.25)
 
 
 @pytest.mark.ray
@@ -154,7 +140,7 @@ def test_sweep_ctrl_c_then_killed_driver_then_rerun_resumes_every_trial(tmp_path
 
     # 1. Ctrl-C once a trial is held with its first epoch checkpointed
     def held() -> bool:
-        _, kids = _children(c, "sweep-kill")
+        _, kids = _children(c, "test-sweep", "sweep-kill")
         return any((debug / k.info.run_name / "paused-at-epoch-1").exists()
                    and _latest_ckpt_epoch(rr / k.info.run_name) >= 1 for k in kids)
 
@@ -163,7 +149,7 @@ def test_sweep_ctrl_c_then_killed_driver_then_rerun_resumes_every_trial(tmp_path
     stderr = err_path.read_text()
     assert code == 130, stderr[-3000:]
     assert "re-run the same command to resume" in stderr
-    parent, kids = _children(c, "sweep-kill")
+    parent, kids = _children(c, "test-sweep", "sweep-kill")
     assert parent.info.status == "KILLED"
     assert kids and {k.info.status for k in kids} <= {"KILLED", "FINISHED"}, [k.info.status for k in kids]
     assert "KILLED" in {k.info.status for k in kids}  # the held trial, at least
@@ -171,7 +157,7 @@ def test_sweep_ctrl_c_then_killed_driver_then_rerun_resumes_every_trial(tmp_path
     for k in kids:
         steps = _steps(c, k.info.run_id, "train/loss")
         assert steps == list(range(1, len(steps) + 1)) and len(steps) >= _latest_ckpt_epoch(rr / k.info.run_name)
-    kept = {"Ctrl-C": _kept_pids(c, debug, rr, kids)}
+    kept = {"Ctrl-C": _kept_pids(debug, rr, kids)}
     assert sum(len(v) for v in kept["Ctrl-C"].values()) >= 1
     finished_before = {k.info.run_id for k in kids if k.info.status == "FINISHED"}
 
@@ -179,14 +165,14 @@ def test_sweep_ctrl_c_then_killed_driver_then_rerun_resumes_every_trial(tmp_path
     newly_finished: list = []
 
     def one_more_finished() -> bool:
-        _, now = _children(c, "sweep-kill")
+        _, now = _children(c, "test-sweep", "sweep-kill")
         newly_finished[:] = [k for k in now if k.info.status == "FINISHED" and k.info.run_id not in finished_before]
         return bool(newly_finished)
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, cwd=tmp_path)
     try:
-        _until(proc, one_more_finished, "one more trial finished")
+        _wait_until(proc, one_more_finished, "one more trial finished")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
@@ -197,8 +183,8 @@ def test_sweep_ctrl_c_then_killed_driver_then_rerun_resumes_every_trial(tmp_path
     done_records = _records(debug / done.info.run_name)
     # (a trial ASHA stops has begun its next epoch, and recorded it, when the stop reaches it)
     assert {f"worker-0-epoch-{e}.json" for e in range(len(done_steps))} <= set(done_records), done_records
-    _, kids = _children(c, "sweep-kill")
-    kept["SIGKILL"] = _kept_pids(c, debug, rr, kids)
+    _, kids = _children(c, "test-sweep", "sweep-kill")
+    kept["SIGKILL"] = _kept_pids(debug, rr, kids)
 
     # 3. the re-run that finishes (no hold: a trial that never started must not wait)
     (debug / "pause-at-epoch").unlink()
@@ -259,10 +245,6 @@ def test_sweep_ctrl_c_then_killed_driver_then_rerun_resumes_every_trial(tmp_path
 METRIC = "val/pgd_acc"  # tune.metric of configs/digits.yaml (SPROUT selects by it)
 
 
-def _steps(c, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in c.get_metric_history(run_id, key))
-
-
 def test_asha_stops_below_the_median_at_a_rung_by_epoch_but_never_a_trial_at_its_last_epoch() -> None:
     from types import SimpleNamespace
 
@@ -272,12 +254,12 @@ def test_asha_stops_below_the_median_at_a_rung_by_epoch_but_never_a_trial_at_its
 
     s = EpochASHA(epochs=4, grace_period=1, reduction_factor=2)
     assert s.set_search_properties(METRIC, "max")
-    a, b, resumed = (SimpleNamespace(trial_id=t) for t in ("a", "b", "resumed"))
-    for t in (a, b, resumed):
+    a, b, resumed, free_at = (SimpleNamespace(trial_id=t) for t in ("a", "b", "resumed", "free_at"))
+    for t in (a, b, resumed, free_at):
         s.on_trial_add(None, t)
 
-    def result(epoch: int, acc: float, iteration: int | None = None) -> dict:
-        return {"epoch": epoch, METRIC: acc, "training_iteration": iteration or epoch}
+    def result(epoch: int, acc: float, iteration: int | None = None, epochs: int = 4) -> dict:
+        return {"epoch": epoch, METRIC: acc, "training_iteration": iteration or epoch, "epochs": epochs}
 
     assert s.on_trial_result(None, a, result(1, 0.9)) == TrialScheduler.CONTINUE  # first at rung 1
     assert s.on_trial_result(None, b, result(1, 0.1)) == TrialScheduler.STOP  # below the median there
@@ -289,6 +271,10 @@ def test_asha_stops_below_the_median_at_a_rung_by_epoch_but_never_a_trial_at_its
     # the last epoch (max_t) ends the trial itself: Tune's STOP there would kill it before it
     # logs its final model
     assert s.on_trial_result(None, a, result(4, 0.9)) == TrialScheduler.CONTINUE
+    # so does a trial's own last epoch before max_t: Free-AT with 2 replays trains 2 of the 4
+    # epochs, and is below the median at rung 2 (0.9 and 0.6 there)
+    assert s.on_trial_result(None, free_at, result(1, 0.95, epochs=2)) == TrialScheduler.CONTINUE
+    assert s.on_trial_result(None, free_at, result(2, 0.1, epochs=2)) == TrialScheduler.CONTINUE
 
 
 def test_asha_scheduler_is_built_from_the_tune_section(tmp_path) -> None:

@@ -103,6 +103,10 @@ def test_two_workers_log_one_mlflow_run_per_spec(two_worker_run) -> None:
         assert _steps(c, out.run_id, key) == [1, 2, 3], key
     for key in ("time/train_total_s", "time/accelerator_hours"):
         assert run.data.metrics[key] > 0
+    # the last report to Ray carried the trained epoch and the run's own epoch count (what ASHA
+    # reads to never stop a trial at its last epoch); neither is an MLflow metric
+    assert (out.metrics["epoch"], out.metrics["epochs"]) == (3, 3)
+    assert not {"epoch", "epochs"} & set(run.data.metrics)
     tags = run.data.tags
     assert tags["method"] == "sprout" and tags["model"] == "small_cnn" and tags["dataset"] == "digits"
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
