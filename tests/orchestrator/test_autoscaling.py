@@ -203,12 +203,12 @@ def test_two_trial_sweep_scales_to_two_nodes(cluster, tmp_path) -> None:
 @pytest.mark.slow
 def test_nodes_that_never_come_fail_after_startup_timeout_with_one_line(cluster, tmp_path) -> None:
     sets = ["scaling.use_gpu=true", "scaling.accelerator_type=H100", "scaling.cpus_per_worker=1", "eval.attacks=[]",
-            "scaling.startup_timeout_s=20", f"storage.path={tmp_path / 'rr'}", "experiment=asc-never"]
+            "scaling.startup_timeout_s=6", f"storage.path={tmp_path / 'rr'}", "experiment=asc-never"]
     out = _sprout(cluster, tmp_path, "train", str(DIGITS), "--name", "never", *_sets(*sets))
     assert out.returncode == 1, (out.stdout[-3000:], out.stderr[-3000:])
     failure = [line for line in out.stderr.splitlines() if line.startswith("sprout:")]
     assert len(failure) == 1, out.stderr
-    assert "within scaling.startup_timeout_s = 20 s" in failure[0] and "1 worker(s) with 1 GPU (H100)" in failure[0]
+    assert "within scaling.startup_timeout_s = 6 s" in failure[0] and "1 worker(s) with 1 GPU (H100)" in failure[0]
     assert "waiting for 1 worker(s) with 1 GPU (H100): 0/1 up" in out.stderr
     c = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = c.search_runs([c.get_experiment_by_name("asc-never").experiment_id])
