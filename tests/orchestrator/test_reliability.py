@@ -2,8 +2,9 @@
 
 Every fault is injected into the real thing: a real ``sprout train`` process killed with
 SIGKILL or stopped with SIGTERM and Ctrl-C, a real ``mlflow server`` stopped and restarted, a real
-simulated Ray cluster losing its only worker node, a real learning rate that explodes.
-``docs/reliability.md`` lists each test here with the fault and the observed outcome.
+simulated Ray cluster losing its only worker node. ``docs/reliability.md`` lists each test here
+with the fault and the observed outcome, and those that other modules' runs carry (the exploding
+learning rate: test_console.py; ``sprout compare`` stopped by SIGTERM and Ctrl-C: test_s3_storage.py).
 
 Order does not matter: ``ray_local`` starts the shared in-process Ray when it is not running,
 the tests that run ``sprout`` subprocesses shut it down first (one Ray instance at a time), and
