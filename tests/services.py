@@ -31,19 +31,22 @@ MLFLOW_JOB_PROCESSES = ("huey_consumer", "mlflow.server.jobs")  # what the job e
 
 
 def group_pids(pgid: int) -> list[int]:
-    """The processes in process group ``pgid`` (``/proc``)."""
+    """The live processes in process group ``pgid`` (``/proc``; zombies left out)."""
     out = []
     for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
-                out.append(int(d.name))
-        except (OSError, IndexError, ValueError):
+        if not d.name.isdigit():
             continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(d.name))
     return out
 
 
 def group_cmdlines(pgid: int) -> list[str]:
-    """The command lines of the live processes in process group ``pgid`` (zombies have none)."""
+    """The command lines of the live processes in process group ``pgid``."""
     out = []
     for pid in group_pids(pgid):
         try:

@@ -22,7 +22,7 @@ import torch
 from orchestrator import tracking
 from tests.conftest import DIGITS
 from tests.orchestrator.conftest import BUCKET
-from tests.orchestrator.test_console import NOISE
+from tests.orchestrator.test_console import NOISE, _log_path
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -166,9 +166,7 @@ def test_without_a_terminal_sprout_train_prints_a_few_lines_and_logs_the_rest(pr
     run = _run(as_alice, production_run)
     link = f"MLflow run: {alice.uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     assert link in lines, lines
-    m = re.search(r"^log: (\S+)", out.stderr, re.M)
-    assert m, out.stderr
-    log = Path(m.group(1))
+    log = _log_path(out.stderr)
     assert log.is_file() and log.is_relative_to(production_run["tmp"] / "ray_results" / name)
     text = log.read_text()
     assert "RayTrainWorker" in text and "TrainingReport" in text  # the workers' own lines are in the log

@@ -37,6 +37,7 @@ from orchestrator import tracking
 from orchestrator.config import ConfigError, ExperimentConfig, flatten, load_config
 from tests.conftest import DIGITS, ROOT, digits_cfg
 from tests.services import MLFLOW_JOB_PROCESSES, MLFLOW_SERVER_ENV, group_cmdlines
+from tests.services import group_pids as _group_alive  # the killed driver's Ray processes included
 
 PY = sys.executable
 BIN = Path(sys.executable).parent
@@ -68,21 +69,6 @@ def _runs_with_key(c, experiment: str, key: str) -> list:
 
 def _nonblank(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
-
-
-def _group_alive(pgid: int) -> list[int]:
-    """Processes still in process group ``pgid`` (the killed driver's Ray processes included)."""
-    alive = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            alive.append(int(p.name))
-    return alive
 
 
 def _reap_group(pgid: int, timeout_s: float = 60.0) -> None:
