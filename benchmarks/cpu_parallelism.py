@@ -6,8 +6,8 @@ same fixed pure-Python work (``--work`` loop iterations, or ``--kind matmul``: s
 float32 matmuls) timed alone, then as ``--procs`` copies started together (default: every CPU),
 alternating, ``--repeats`` times. Printed: seconds alone, mean seconds per copy together, and the
 effective cores ``procs x alone / together`` (``procs`` where the CPUs are real and idle, 1.0 where
-they are one core's worth). It is why a second pytest lane did not shorten CI on the 2-core VM
-(BENCHMARKS.md, CI wall time).
+they are one core's worth). BENCHMARKS.md (CI wall time, stop 28) uses it to tell real cores from
+hyperthreads before running a second pytest lane on the 2-core CI machine.
 
     .venv/bin/python benchmarks/cpu_parallelism.py [--procs N] [--work 30000000] [--repeats 3] [--json F]
 """
