@@ -28,6 +28,7 @@ def test_effective_cores_are_procs_times_alone_over_together():
     assert f"| {want:.2f} of 2 |" in r.stdout
 
 
-def test_bad_counts_exit_2_naming_the_option():
-    r = _run("--procs", "0")
-    assert r.returncode == 2 and "--procs and --repeats must be at least 1" in r.stderr
+@pytest.mark.parametrize("option", ["--procs", "--repeats", "--work"])
+def test_bad_counts_exit_2_naming_the_option(option):
+    r = _run(option, "0")
+    assert r.returncode == 2 and "--procs, --repeats and --work must be at least 1" in r.stderr, r.stderr
