@@ -6,7 +6,8 @@ and as ``sys.exit(cli.main())`` (Python's normal exit), alternating, ``--repeats
 each run the script times, on its own clock, the command's last output line and the process's
 exit: the gap is the atexit handlers (Ray's shutdown of its local instance) plus, in the second
 variant, the interpreter's teardown of its modules. Printed: mean gap and mean wall time per
-variant, and their ratios.
+variant, and their ratios. A line is stamped when this script reads it, so for a command whose
+output comes only at its exit (``validate``) the gap reads ~0 and can dip below it.
 
     .venv/bin/python benchmarks/exit_cost.py [--repeats 2] [--json F] [-- sprout arguments]
 """
