@@ -46,12 +46,23 @@ def checkpoint_due(epoch: int, epochs: int, every: int) -> bool:
     return (epoch + 1) % every == 0 or epoch + 1 == epochs
 
 
+def _epoch_in(path: Path, tries: int = 50) -> int:
+    """The epoch a drill file names. A test that rewrites it in place can be read between the
+    truncate and the write (seen in CI: ``''``), so an empty read is read again."""
+    for _ in range(tries):
+        text = path.read_text().strip()
+        if text:
+            return int(text)
+        time.sleep(0.02)
+    raise ValueError(f"drill file {path} stayed empty; it must hold an epoch number")
+
+
 def _maybe_inject_fault(name: str, epoch: int, rank: int) -> None:
     d = _debug_dir(name)
     if d is None or rank != 0 or not (d / "kill-at-epoch").is_file():
         return
     marker = d / f"killed-at-epoch-{epoch}"
-    if int((d / "kill-at-epoch").read_text().strip()) != epoch or marker.exists():
+    if _epoch_in(d / "kill-at-epoch") != epoch or marker.exists():
         return
     _wait_until_registered()
     marker.write_text(str(os.getpid()))
@@ -97,7 +108,7 @@ def _maybe_pause(name: str, epoch: int, rank: int, timeout_s: float = 300.0) -> 
         return
     pause = next((f for f in (d / "pause-at-epoch", d.parent / "pause-at-epoch") if f.is_file()), None)
     marker = d / f"paused-at-epoch-{epoch}"
-    if pause is None or int(pause.read_text().strip()) != epoch or marker.exists():
+    if pause is None or _epoch_in(pause) != epoch or marker.exists():
         return
     d.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(os.getpid()))

@@ -125,7 +125,13 @@ def _param_str(v: Any) -> str:
 
 
 class MetricLogger:
-    """Per-step metric logging that survives replays and tracking-server outages."""
+    """Per-step metric logging that survives replays, tracking-server outages and lost workers.
+
+    While the server is unreachable, what is pending is also kept in the fallback file (written
+    whole, atomically, after each failed delivery), so a worker killed during an outage loses
+    nothing: the logger of the restarted worker takes the file over, and its next delivery
+    sends those rows too (steps the server already has are dropped) and removes the file.
+    """
 
     def __init__(self, uri: str, run_id: str, fallback: str | os.PathLike[str] | None = None) -> None:
         self.uri, self.run_id = uri, run_id
@@ -133,6 +139,31 @@ class MetricLogger:
         self.pending: list[tuple[str, float, int, int]] = []
         self.logged_steps: dict[str, set[int]] = {}
         self._client = client(uri)
+        self._on_file = False  # the fallback file holds this run's pending rows (and _others)
+        self._others = ""  # other runs' lines found in the fallback file: written back untouched
+        self._recheck = False  # pending holds taken-over rows: drop steps the server already has
+        self._owns_file = self._take_over()
+
+    def _take_over(self) -> bool:
+        """Read the fallback file a killed worker of this run left; False when it could not be read
+        (storage unreachable, or not our format): it is then left alone, for ``replay-metrics``."""
+        if self.fallback is None:
+            return False
+        from orchestrator import storage
+
+        try:
+            lines = [ln for ln in storage.read_bytes(self.fallback).decode().splitlines() if ln.strip()]
+            rows = [(ln, json.loads(ln)) for ln in lines]
+            mine = [(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"]))
+                    for _, r in rows if r["run_id"] == self.run_id]
+        except FileNotFoundError:
+            return True
+        except Exception:  # noqa: BLE001 - unreadable now: never crash training over it
+            return False
+        self._others = "".join(ln + "\n" for ln, r in rows if r["run_id"] != self.run_id)
+        self.pending.extend(mine)
+        self._on_file, self._recheck = True, bool(mine)
+        return True
 
     def _known_steps(self, key: str) -> set[int]:
         if key not in self.logged_steps:
@@ -148,7 +179,8 @@ class MetricLogger:
         for k, v in metrics.items():
             if step not in self._known_steps(k):
                 self.pending.append((k, float(v), ts, step))
-        self.flush()
+        if not self.flush():
+            self._spill()
 
     def flush(self) -> bool:
         """Send what is pending; True when nothing is left."""
@@ -157,6 +189,11 @@ class MetricLogger:
         from mlflow.entities import Metric
 
         try:
+            if self._recheck:  # a killed worker may have delivered some of them before its file went
+                for key in {k for k, *_ in self.pending}:
+                    self.logged_steps[key] = {m.step for m in self._client.get_metric_history(self.run_id, key)}
+                self.pending = [p for p in self.pending if p[3] not in self.logged_steps[p[0]]]
+                self._recheck = False
             batch = [Metric(k, v, ts, s) for k, v, ts, s in self.pending]
             for i in range(0, len(batch), 500):
                 self._client.log_batch(self.run_id, metrics=batch[i : i + 500])
@@ -165,7 +202,37 @@ class MetricLogger:
         for k, _, _, s in self.pending:
             self.logged_steps.setdefault(k, set()).add(s)
         self.pending.clear()
+        if self._on_file:
+            try:
+                self._write_file()  # what it held is delivered now
+            except Exception:  # noqa: BLE001 - left for the next delivery (taken-over rows are re-checked)
+                pass
         return True
+
+    def _lines(self) -> str:
+        return "".join(json.dumps({"run_id": self.run_id, "key": k, "value": v, "timestamp": ts, "step": s}) + "\n"
+                       for k, v, ts, s in self.pending)
+
+    def _write_file(self) -> None:
+        """The fallback file := other runs' lines + what is pending (removed when both are empty)."""
+        from orchestrator import storage
+
+        text = self._others + self._lines()
+        if text:
+            storage.write_bytes(self.fallback, text.encode())
+        else:
+            storage.delete(self.fallback)
+        self._on_file = bool(self.pending)
+
+    def _spill(self) -> None:
+        if self.fallback is None:
+            return
+        self._owns_file = self._owns_file or self._take_over()
+        if self._owns_file:
+            try:
+                self._write_file()
+            except Exception:  # noqa: BLE001 - storage down too: the rows stay in memory
+                pass
 
     @staticmethod
     def record_error(uri: str, run_id: str, message: str) -> None:
@@ -179,9 +246,10 @@ class MetricLogger:
         if self.pending and self.fallback is not None:
             from orchestrator import storage
 
-            lines = "".join(json.dumps({"run_id": self.run_id, "key": k, "value": v, "timestamp": ts, "step": s}) + "\n"
-                            for k, v, ts, s in self.pending)
-            storage.append_text(self.fallback, lines)
+            if self._owns_file:
+                self._write_file()
+            else:  # the file could not be read: add to it, never replace what it holds
+                storage.append_text(self.fallback, self._lines())
             self.pending.clear()
 
 

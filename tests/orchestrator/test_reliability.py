@@ -516,7 +516,8 @@ def test_mlflow_down_mid_run_buffers_then_delivers_exactly_once_or_falls_back_to
     try:
         server.start()
         c = tracking.client(server.uri)
-        run_id = c.create_run(c.create_experiment("reliability-outage")).info.run_id
+        exp_id = c.create_experiment("reliability-outage")
+        run_id, other_id = (c.create_run(exp_id).info.run_id for _ in range(2))
         fallback = tmp_path / "rr" / "run" / "mlflow_pending.jsonl"
         logger = MetricLogger(server.uri, run_id, fallback=fallback)
         logger.log(values[1], step=1)
@@ -526,6 +527,19 @@ def test_mlflow_down_mid_run_buffers_then_delivers_exactly_once_or_falls_back_to
         logger.log(values[2], step=2)
         logger.log(values[3], step=3)
         assert len(logger.pending) == 4  # buffered, no exception
+        rows = [json.loads(line) for line in fallback.read_text().splitlines()]  # and on file, whole
+        assert sorted((r["key"], r["step"], r["value"]) for r in rows) == sorted(
+            (k, s, values[s][k]) for s in (2, 3) for k in values[s])
+
+        # The worker is killed: the restarted worker's logger takes the file over. The file also
+        # names step 1 (as if a kill came between a delivery and the file's removal) and holds
+        # another run's row, which stays for replay-metrics.
+        other = json.dumps({"run_id": other_id, "key": "train/loss", "value": 9.0, "timestamp": 1, "step": 7}) + "\n"
+        with fallback.open("a") as f:
+            f.write(json.dumps({"run_id": run_id, "key": "train/loss", "value": 1.0, "timestamp": 1, "step": 1})
+                    + "\n" + other)
+        logger = MetricLogger(server.uri, run_id, fallback=fallback)
+        assert len(logger.pending) == 5
 
         server.start()  # it comes back: the next epoch's log delivers the backlog
         logger.log(values[4], step=4)
@@ -534,6 +548,7 @@ def test_mlflow_down_mid_run_buffers_then_delivers_exactly_once_or_falls_back_to
             hist = c.get_metric_history(run_id, key)
             assert sorted(m.step for m in hist) == [1, 2, 3, 4], key
             assert {m.step: m.value for m in hist} == {s: values[s][key] for s in range(1, 5)}
+        assert fallback.read_text() == other  # delivered rows gone, the other run's kept
         # a restarted worker (new logger) replaying epoch 4 does not log it twice
         MetricLogger(server.uri, run_id).log(values[4], step=4)
         assert _steps(c, run_id, "train/loss") == [1, 2, 3, 4]
@@ -543,15 +558,17 @@ def test_mlflow_down_mid_run_buffers_then_delivers_exactly_once_or_falls_back_to
         logger.close(retries=1, wait_s=0.1)
         assert not logger.pending
         rows = [json.loads(line) for line in fallback.read_text().splitlines()]
-        assert {(r["key"], r["step"]) for r in rows} == {(k, 5) for k in values[5]}
+        assert {(r["run_id"], r["key"], r["step"]) for r in rows} == {(run_id, k, 5) for k in values[5]} | {
+            (other_id, "train/loss", 7)}
 
         server.start()
         env = dict(os.environ, MLFLOW_TRACKING_URI=server.uri)
         out = subprocess.run([PY, "-m", "orchestrator", "replay-metrics", str(fallback)], env=env,
                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert out.returncode == 0, out.stderr[-2000:]
-        assert "delivered 2 metric values" in out.stdout
+        assert "delivered 3 metric values" in out.stdout
         assert not fallback.exists()
+        assert [(m.step, m.value) for m in c.get_metric_history(other_id, "train/loss")] == [(7, 9.0)]
         for key in values[1]:
             hist = c.get_metric_history(run_id, key)
             assert sorted(m.step for m in hist) == [1, 2, 3, 4, 5], key
@@ -568,8 +585,10 @@ def test_mlflow_down_mid_run_buffers_then_delivers_exactly_once_or_falls_back_to
 def test_mlflow_down_during_a_real_sprout_train_is_buffered_and_delivered_once(
         ray_local, tmp_path, session_dir, monkeypatch) -> None:
     """``sprout train`` (in this process, on the shared Ray) logging to a real ``mlflow server`` that
-    is stopped while epochs 2 and 3 are logged and back for epoch 4: the run finishes (exit 0),
-    every per-epoch metric has steps 1..4 exactly once, nothing is left for ``replay-metrics``."""
+    is stopped while epochs 2 and 3 are logged and back for epoch 4, with rank 0 SIGKILLed as epoch
+    3 starts (epoch 2's metrics then exist only in the dead worker's buffer and its fallback file):
+    the run finishes (exit 0), every per-epoch metric has steps 1..4 exactly once, nothing is left
+    for ``replay-metrics``."""
     from orchestrator.cli import main
 
     server = _MlflowServer(tmp_path, _free_port())
@@ -577,6 +596,7 @@ def test_mlflow_down_during_a_real_sprout_train_is_buffered_and_delivered_once(
     debug = session_dir / "debug" / name
     debug.mkdir(parents=True)
     rr = tmp_path / "rr"
+    pending = rr / name / "mlflow_pending.jsonl"
     sets = [f"storage.path={rr}", "experiment=test-reliability-outage", f"train.epochs={epochs}", "eval.attacks=[]",
             "train.val_pgd_steps=2", "train.checkpoint_keep=10", *SLOW_DATA]
     box: dict = {}
@@ -597,11 +617,18 @@ def test_mlflow_down_during_a_real_sprout_train_is_buffered_and_delivered_once(
 
         wait_for(debug / "paused-at-epoch-1")
         server.stop()  # ... while the tracking server goes away
+        # While it is held: die as epoch 3 starts (after epoch 2's checkpoint is registered), and
+        # hold the restarted worker before epoch 4. Written whole (rename): the hooks poll them.
+        for drill, epoch in (("kill-at-epoch", 2), ("pause-at-epoch", 3)):
+            (debug / f"{drill}.tmp").write_text(str(epoch))
+            (debug / f"{drill}.tmp").replace(debug / drill)
         (debug / "resume").write_text("")
-        wait_for(debug / "worker-0-epoch-2.json")  # epoch 2 logged (buffered); epoch 3 (seconds) begins
+        wait_for(debug / "killed-at-epoch-2")  # epoch 2 was logged while down, then rank 0 died
         (debug / "resume").unlink()
-        (debug / "pause-at-epoch").write_text("3")  # hold again at the start of epoch 4
-        wait_for(debug / "paused-at-epoch-3")  # epochs 2 and 3 were logged while it was down
+        wait_for(debug / "paused-at-epoch-3")  # the restarted rank 0 logged epoch 3 while down
+        assert (debug / "paused-at-epoch-3").read_text() != (debug / "killed-at-epoch-2").read_text()  # new pid
+        held = [json.loads(line) for line in pending.read_text().splitlines()]
+        assert sorted({r["step"] for r in held if r["key"] == "train/loss"}) == [2, 3]  # the dead worker's too
         server.start()
         (debug / "resume").write_text("")
         th.join(timeout=HANG_GUARD_S)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,24 @@ def test_checkpoint_due_every_nth_epoch_and_always_the_last(epochs, every, due) 
     from orchestrator.ray_train import checkpoint_due
 
     assert [e for e in range(epochs) if checkpoint_due(e, epochs, every)] == due
+
+
+def test_a_drill_file_read_while_it_is_rewritten_in_place_waits_for_its_number(tmp_path) -> None:
+    """A test's ``write_text`` truncates before it writes: a worker polling ``pause-at-epoch`` can
+    read ``''`` (CI, stop 29: the run failed with ``invalid literal for int()``); the hook reads again."""
+    from orchestrator.ray_train import _epoch_in
+
+    drill = tmp_path / "pause-at-epoch"
+    drill.write_text("")
+    writer = threading.Timer(0.2, lambda: drill.write_text("3"))
+    writer.start()
+    try:
+        assert _epoch_in(drill) == 3
+    finally:
+        writer.join()
+    drill.write_text("")
+    with pytest.raises(ValueError, match="pause-at-epoch stayed empty; it must hold an epoch number"):
+        _epoch_in(drill, tries=3)
 
 
 def test_checkpoint_every_two_epochs_and_a_killed_worker_resumes_from_the_last_one(two_worker_run, session_dir) -> None:
