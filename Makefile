@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q $(if $(CI),--hypothesis-seed=0)
+	$(BIN)/python tests/lanes.py -q $(if $(CI),--hypothesis-seed=0)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow and not ray"
