@@ -64,10 +64,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-# `make test` runs the suite in one process (two pytest-xdist workers on the 2-core CI machine
-# overlapped two real-Ray modules and timed out: BENCHMARKS.md's CI table). The modules with real
-# Ray runs, servers and signals go first so that a broken cluster path fails the run early; the
-# order within a module is the file's, and no test depends on the order.
+# `make test` runs two lanes (tests/lanes.py), each one pytest process in a cpu cgroup of equal
+# weight (two pytest-xdist workers on the 2-core CI machine overlapped two real-Ray modules and
+# timed out: BENCHMARKS.md's CI table). Within a lane the modules with real Ray runs, servers and
+# signals go first so that a broken cluster path fails the run early; the order within a module
+# is the file's, and no test depends on the order.
 SLOW_MODULES = (
     "tests/orchestrator/test_reliability.py",
     "tests/orchestrator/test_s3_storage.py",

@@ -29,7 +29,7 @@ from tests.services import MLFLOW_SERVER_ENV
 METHODS = sorted(DEFAULT_METHODS)
 DEMO_EXAMPLES = 40  # test examples per model (the demo evaluates 100; the lines do not depend on it)
 DEMO_MAX_LINES = 62  # the log path + 4 methods x 8 epochs + 4 models x 5 attacks + table (6) + 3
-HANG_GUARD_S = 900  # only a guard against hangs, never a performance assertion
+HANG_GUARD_S = 1800  # only a guard against hangs (under `make test` another lane shares the CPUs)
 
 
 def test_method_list_parsing_and_ablations() -> None:
