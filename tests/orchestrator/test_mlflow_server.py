@@ -250,7 +250,8 @@ def test_the_launchers_mlflow_command_runs_on_postgresql_and_the_bucket_named_in
                 os.killpg(head.pid, 0)  # the server is still up (it runs on in the command's group)
             except ProcessLookupError:
                 pytest.fail(f"the launcher's mlflow server exited:\n{log[-3000:]}")
-            assert time.time() < deadline, log[-3000:]
+            if time.time() > deadline:  # a hang guard, not a timing claim
+                pytest.fail(log[-3000:])
             time.sleep(0.5)
         # MLflow 3's job executor is off (the command sets it): no job runner or consumer in the group
         time.sleep(1)
