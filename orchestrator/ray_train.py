@@ -127,6 +127,21 @@ def _record(name: str, rank: int, epoch: int, payload: dict[str, Any]) -> None:
         (d / f"worker-{rank}-epoch-{epoch}.json").write_text(json.dumps(payload))
 
 
+def _read_checkpoint(ckpt: Any, storage_path: str) -> dict[str, Any]:
+    """The state of the checkpoint a (re)started worker group resumes from. On object storage the
+    read waits out a store that is still coming back (``storage.retry_remote``): the restart
+    usually follows a storage error, and failing here would spend another of ``max_failures``."""
+
+    from orchestrator import storage
+    from trainables.checkpoint import load_checkpoint
+
+    def read() -> dict[str, Any]:
+        with ckpt.as_directory() as d:
+            return load_checkpoint(d)
+
+    return storage.retry_remote(read, location=storage_path, what=f"reading checkpoint {ckpt.path}")
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -134,7 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from orchestrator.config import from_dict
     from orchestrator.tracking import MetricLogger
     from orchestrator.worker import RayShardLoader, build_run, evaluate_val, step_options
-    from trainables.checkpoint import load_checkpoint, save_checkpoint
+    from trainables.checkpoint import save_checkpoint
     from trainables.loop import (
         EpochStats,
         NonFiniteLossError,
@@ -161,8 +176,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            start = restore_state(load_checkpoint(d), model, run.optimizer, run.method)
+        start = restore_state(_read_checkpoint(ckpt, cfg.storage.path), model, run.optimizer, run.method)
 
     logger = None
     if rank == 0 and config.get("mlflow_run_id"):

@@ -22,10 +22,13 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import sys
+import time
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -33,6 +36,7 @@ import pyarrow.fs as pafs
 from trainables.checkpoint import FILE, CheckpointError, decode_checkpoint, encode_checkpoint
 
 PREFLIGHT_PREFIX = ".sprout-preflight-"
+T = TypeVar("T")
 _SCHEME_OF_FS = {"s3": "s3", "gcs": "gs"}
 
 
@@ -323,3 +327,48 @@ def preflight(location: str) -> None:
             pass
     if back != body:
         raise StorageError(f"{where}: the marker read back differs from what was written ({len(back)} bytes)")
+
+
+# ----------------------------------------------------------------------------- transient errors
+
+RESTORE_WAIT_ENV = "SPROUT_S3_RESTORE_WAIT_S"
+DEFAULT_RESTORE_WAIT_S = 60.0
+
+
+def transient(e: BaseException) -> bool:
+    """An object-store error that may heal by itself: unreachable endpoint, 5xx ("internal
+    error, please try again", which SeaweedFS and S3 answer while they start or are throttled).
+    Not: a missing object or bucket, wrong credentials, a bad checkpoint."""
+    if not isinstance(e, OSError) or isinstance(e, (FileNotFoundError, PermissionError)):
+        return False
+    what = describe_error(e)
+    return not (what == "the bucket does not exist" or what.startswith("access denied"))
+
+
+def retry_remote(fn: Callable[[], T], *, location: str | os.PathLike[str], what: str, wait_s: float | None = None,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+                 say: Callable[[str], None] | None = None) -> T:
+    """``fn()``, retried while a remote ``location`` answers with a transient error, for up to
+    ``wait_s`` seconds (env ``SPROUT_S3_RESTORE_WAIT_S``, default 60; backoff 1, 2, 4 .. 10 s).
+
+    Why: Ray Train restarts a worker group after a storage error, and the new group's first act
+    is to read the last checkpoint, while the store may still be coming back. Local paths are
+    called once (their errors do not heal)."""
+    if wait_s is None:
+        wait_s = float(os.environ.get(RESTORE_WAIT_ENV, DEFAULT_RESTORE_WAIT_S))
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    if not is_remote(location) or wait_s <= 0:
+        return fn()
+    deadline, delay = clock() + wait_s, 1.0
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - re-raised unless transient and time is left
+            left = deadline - clock()
+            if not transient(e) or left <= 0:
+                raise
+            pause = min(delay, left)
+            say(f"sprout: {what} failed ({describe_error(e)}); trying again in {pause:.0f} s "
+                f"(for up to {left:.0f} s more, {RESTORE_WAIT_ENV})")
+            sleep(pause)
+            delay = min(delay * 2, 10.0)
