@@ -354,11 +354,17 @@ def retry_remote(fn: Callable[[], T], *, location: str | os.PathLike[str], what:
     Why: Ray Train restarts a worker group after a storage error, and the new group's first act
     is to read the last checkpoint, while the store may still be coming back. Local paths are
     called once (their errors do not heal)."""
-    if wait_s is None:
-        wait_s = float(os.environ.get(RESTORE_WAIT_ENV, DEFAULT_RESTORE_WAIT_S))
-    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
-    if not is_remote(location) or wait_s <= 0:
+    if not is_remote(location):
         return fn()
+    if wait_s is None:
+        raw = os.environ.get(RESTORE_WAIT_ENV, str(DEFAULT_RESTORE_WAIT_S))
+        try:
+            wait_s = float(raw)
+        except ValueError:
+            raise ValueError(f"{RESTORE_WAIT_ENV}={raw!r}: expected a number of seconds (0 turns the wait off)") from None
+    if wait_s <= 0:
+        return fn()
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     deadline, delay = clock() + wait_s, 1.0
     while True:
         try:

@@ -300,6 +300,15 @@ def test_retry_remote_waits_out_transient_store_errors_only_and_only_for_its_win
         assert (len(calls), clock.sleeps) == (1, [])
 
 
+def test_a_bad_restore_wait_is_refused_naming_the_variable(monkeypatch) -> None:
+    monkeypatch.setenv(storage.RESTORE_WAIT_ENV, "soon")
+    fn, calls = _flaky([])
+    with pytest.raises(ValueError, match=r"SPROUT_S3_RESTORE_WAIT_S='soon': expected a number of seconds"):
+        storage.retry_remote(fn, location=f"s3://{BUCKET}/x", what="x")
+    assert calls == []
+    assert storage.retry_remote(fn, location="/tmp/x", what="x") == "state"  # a local path never reads it
+
+
 @pytest.mark.slow
 def test_a_restarted_worker_reads_its_s3_checkpoint_once_the_stopped_store_is_back(tmp_path, monkeypatch, capsys) -> None:
     """What a worker group restarted after an S3 error does first (``ray_train._read_checkpoint``):
